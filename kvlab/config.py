@@ -1,0 +1,186 @@
+"""Model configuration, with the field names of Hugging Face's Mistral ``config.json``.
+
+Using HF's names means a downloaded checkpoint's ``config.json`` is read as is, and a kvlab checkpoint
+opens in transformers. Derived sizes (``head_dim``, ``num_key_value_groups``) are computed once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+# Keys an HF Mistral/Llama config.json carries that do not change the computation kvlab does.
+_IGNORED_KEYS = {
+    "architectures", "model_type", "transformers_version", "bos_token_id", "eos_token_id",
+    "pad_token_id", "initializer_range", "use_cache", "attention_dropout", "output_attentions",
+    "output_hidden_states", "return_dict", "_name_or_path", "pretraining_tp", "mlp_bias",
+    "layer_types", "max_window_layers", "use_sliding_window",
+}
+# Keys whose only accepted value is the one kvlab implements.
+_REQUIRED_VALUES: dict[str, tuple[Any, ...]] = {
+    "hidden_act": ("silu",),
+    "model_type": ("mistral", "llama"),
+    "rope_scaling": (None,),
+    "attention_bias": (False,),
+}
+
+
+@dataclass(frozen=True)
+class MistralConfig:
+    """Shape and numerics of a Mistral-style decoder.
+
+    ``head_dim=None`` means ``hidden_size // num_attention_heads`` (HF's rule); ``sliding_window=None``
+    means full causal attention.
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 14336  # SwiGLU width
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8  # fewer than query heads: grouped-query attention
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    sliding_window: int | None = 4096  # Mistral v0.1 attends to the last 4096 positions only
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False  # True: lm_head shares embed_tokens' weight
+    torch_dtype: str = "bfloat16"  # dtype the weights are stored and run in
+
+    def __post_init__(self) -> None:
+        self._validate()
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+
+    # ----------------------------------------------------------------- derived sizes
+    @property
+    def num_key_value_groups(self) -> int:
+        """How many query heads share one KV head (``n_rep`` in ``repeat_kv``)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.torch_dtype]
+
+    def replace(self, **changes: Any) -> "MistralConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ----------------------------------------------------------------- validation
+    def _validate(self) -> None:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"config field {name!r}: {why} (got {getattr(self, name)!r})")
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise bad(name, "must be a positive integer")
+        for name in ("head_dim", "sliding_window"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise bad(name, "must be a positive integer or null")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise bad(name, "must be a positive number")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise bad("tie_word_embeddings", "must be true or false")
+        if self.torch_dtype not in DTYPES:
+            raise bad("torch_dtype", f"must be one of {sorted(DTYPES)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise bad("num_key_value_heads", "must divide num_attention_heads")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise bad("hidden_size", "must be divisible by num_attention_heads when head_dim is null")
+        head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if head_dim % 2:
+            raise bad("head_dim", "must be even for rotary embeddings")
+
+    # ----------------------------------------------------------------- config.json
+    def to_dict(self) -> dict[str, Any]:
+        """The ``config.json`` content, readable by transformers' ``MistralConfig``."""
+        data = dataclasses.asdict(self)
+        data.update(architectures=["MistralForCausalLM"], model_type="mistral", hidden_act="silu")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "MistralConfig":
+        """Build from a ``config.json`` mapping; any unknown or unsupported key is an error."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        data = dict(data)
+        if "torch_dtype" not in data and "dtype" in data:  # transformers >= 5 writes "dtype"
+            data["torch_dtype"] = data.pop("dtype")
+        data.pop("dtype", None)
+        for key, allowed in _REQUIRED_VALUES.items():
+            if key in data and data.pop(key) not in allowed:
+                raise ConfigError(f"{source}: field {key!r} must be one of {allowed}; kvlab implements no other")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known - _IGNORED_KEYS)
+        if unknown:
+            raise ConfigError(f"{source}: unexpected field(s) {unknown}")
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.name not in data and f.name not in _OPTIONAL_FIELDS)
+        if missing:
+            raise ConfigError(f"{source}: missing field(s) {missing}")
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MistralConfig":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read config ({exc})") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+        return cls.from_dict(data, source=str(path))
+
+
+# Fields a config.json may leave out (HF defaults apply).
+_OPTIONAL_FIELDS = {"head_dim", "sliding_window", "tie_word_embeddings", "torch_dtype",
+                    "rms_norm_eps", "rope_theta", "max_position_embeddings"}
+
+PRESETS: dict[str, MistralConfig] = {
+    # Tests and CPU notebooks: a decode step takes about a millisecond on one core.
+    "tiny": MistralConfig(vocab_size=1024, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                          num_attention_heads=8, num_key_value_heads=2, sliding_window=None,
+                          max_position_embeddings=8192, torch_dtype="float32"),
+    # The CPU reference toy of the incident write-up: 4 layers x hidden 512, 8 heads / 2 KV heads.
+    "small": MistralConfig(vocab_size=32000, hidden_size=512, intermediate_size=1792, num_hidden_layers=4,
+                           num_attention_heads=8, num_key_value_heads=2, sliding_window=None,
+                           max_position_embeddings=8192, torch_dtype="float32"),
+    # Mistral-7B-v0.1's real shape (GPU only: 14.5 GB of bf16 weights).
+    "mistral-7b": MistralConfig(),
+}
+
+
+def preset(name: str, **overrides: Any) -> MistralConfig:
+    """A named preset, optionally with some fields changed (``preset("tiny", sliding_window=64)``)."""
+    try:
+        base = PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}") from None
+    return base.replace(**overrides) if overrides else base
