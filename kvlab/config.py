@@ -27,7 +27,8 @@ _IGNORED_KEYS = {
     "architectures", "model_type", "transformers_version", "bos_token_id", "eos_token_id",
     "pad_token_id", "initializer_range", "use_cache", "attention_dropout", "output_attentions",
     "output_hidden_states", "return_dict", "_name_or_path", "pretraining_tp", "mlp_bias",
-    "layer_types", "max_window_layers", "use_sliding_window",
+    "layer_types", "max_window_layers", "use_sliding_window", "chunk_size_feed_forward",
+    "is_encoder_decoder", "id2label", "label2id", "problem_type", "tokenizer_class",
 }
 # Keys whose only accepted value is the one kvlab implements.
 _REQUIRED_VALUES: dict[str, tuple[Any, ...]] = {
@@ -76,6 +77,10 @@ class MistralConfig:
         return DTYPES[self.torch_dtype]
 
     def replace(self, **changes: Any) -> "MistralConfig":
+        """A copy with some fields changed; a derived ``head_dim`` is derived again."""
+        derived = self.head_dim == self.hidden_size // self.num_attention_heads
+        if derived and "head_dim" not in changes and {"hidden_size", "num_attention_heads"} & set(changes):
+            changes["head_dim"] = None
         return dataclasses.replace(self, **changes)
 
     # ----------------------------------------------------------------- validation
@@ -98,7 +103,7 @@ class MistralConfig:
                 raise bad(name, "must be a positive number")
         if not isinstance(self.tie_word_embeddings, bool):
             raise bad("tie_word_embeddings", "must be true or false")
-        if self.torch_dtype not in DTYPES:
+        if not isinstance(self.torch_dtype, str) or self.torch_dtype not in DTYPES:
             raise bad("torch_dtype", f"must be one of {sorted(DTYPES)}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise bad("num_key_value_heads", "must divide num_attention_heads")
@@ -124,6 +129,14 @@ class MistralConfig:
         if "torch_dtype" not in data and "dtype" in data:  # transformers >= 5 writes "dtype"
             data["torch_dtype"] = data.pop("dtype")
         data.pop("dtype", None)
+        if "torch_dtype" in data and data["torch_dtype"] is None:  # HF's "unspecified" means float32
+            data["torch_dtype"] = "float32"
+        rope = data.pop("rope_parameters", None)  # transformers >= 5 nests rope_theta here
+        if rope is not None:
+            if not isinstance(rope, dict) or rope.get("rope_type", "default") != "default":
+                raise ConfigError(f"{source}: field 'rope_parameters' must describe plain (default) RoPE, got {rope!r}")
+            if "rope_theta" in rope:
+                data.setdefault("rope_theta", rope["rope_theta"])
         for key, allowed in _REQUIRED_VALUES.items():
             if key in data and data.pop(key) not in allowed:
                 raise ConfigError(f"{source}: field {key!r} must be one of {allowed}; kvlab implements no other")
@@ -137,7 +150,7 @@ class MistralConfig:
             raise ConfigError(f"{source}: missing field(s) {missing}")
         try:
             return cls(**{k: v for k, v in data.items() if k in known})
-        except ConfigError as exc:
+        except (ConfigError, TypeError) as exc:  # TypeError: e.g. an unhashable torch_dtype
             raise ConfigError(f"{source}: {exc}") from None
 
     def save(self, path: str | Path) -> None:
@@ -154,8 +167,8 @@ class MistralConfig:
             raise ConfigError(f"{path}: cannot read config ({exc})") from None
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise ConfigError(f"{path}: not valid JSON ({type(exc).__name__}: {exc})") from None
         return cls.from_dict(data, source=str(path))
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import inspect_checkpoint, read_shard
+from .checkpoint import check_tied_copy, inspect_checkpoint, read_shard
 from .config import MistralConfig
 from .model import MistralForCausalLM, Rotary
 from .quant import quantize_linears
@@ -34,20 +34,26 @@ def read_tensors(directory: str | Path, threaded: bool = False,
                  device: torch.device | str = "cpu") -> tuple[MistralConfig, dict[str, Tensor]]:
     """Validate a checkpoint and read all its tensors (one thread per shard if ``threaded``)."""
     info = inspect_checkpoint(directory)
+    groups = list(info.by_shard().items())
+
+    def read(group: tuple[Path, list[str]]) -> dict[str, Tensor]:
+        return read_shard(group[0], group[1], device=device)
+
     if threaded:
-        with ThreadPoolExecutor(max_workers=len(info.shards), thread_name_prefix="kvlab-shard") as pool:
-            parts = list(pool.map(lambda shard: read_shard(shard, device=device), info.shards))
+        with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="kvlab-shard") as pool:
+            parts = list(pool.map(read, groups))
     else:
-        parts = [read_shard(shard, device=device) for shard in info.shards]
+        parts = [read(group) for group in groups]
     tensors: dict[str, Tensor] = {}
     for part in parts:
         tensors.update(part)
+    check_tied_copy(info, tensors["model.embed_tokens.weight"])
     return info.config, tensors
 
 
 def build_model(config: MistralConfig, tensors: dict[str, Tensor], trainable: bool) -> MistralForCausalLM:
     """Assemble a model around already-read tensors without allocating weights twice."""
-    state = {name: t for name, t in tensors.items() if not name.endswith("rotary_emb.inv_freq")}
+    state = dict(tensors)
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     with torch.device("meta"):
