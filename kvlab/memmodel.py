@@ -1,0 +1,260 @@
+"""Predict memory from the config alone: weights, KV cache, one step's transient, and the leak.
+
+The leak model is derived by counting what autograd saves for backward in kvlab's model (see
+:func:`saved_tensors`) when the weights require grad, and which of those tensors stay reachable
+through the concat cache's ``grad_fn`` chain. Per layer and step, with T new tokens and S cached
+positions after the update:
+
+- RMSNorm (twice): its float32 input, the rsqrt per row, the normalised input, and its output (saved
+  by the next linear): ``3*T*C`` elements and ``T`` rsqrt values, roughly.
+- attention: the rotated query (``T*H*D``), the repeat_kv'd K and V (``H*S*D`` each — the big ones),
+  the bool mask (``T*S`` bytes), the float32 softmax output (``H*T*S``; plus a copy in the model
+  dtype if that is not float32), the attention output fed to ``o_proj`` (``T*H*D``) and a 0-dim
+  float64 holding the score scale.
+- MLP: ``gate`` output (SiLU input), SiLU output, ``up`` output, their product (``down_proj`` input):
+  ``4*T*I``.
+- per step, shared by the layers: rotary ``cos`` and ``sin`` (``T*D`` each) and the token ids the
+  embedding saved — a view of the whole token tensor, ``8*(prompt+step)`` bytes.
+
+What stays alive: each step's cache is reachable from the next one, and through it the K/V
+projections' inputs, hence everything upstream — every layer but the last in full, and the last layer
+only up to its cache update (its attention and MLP feed only the logits, which the loop drops). The
+final step is kept whole by the last logits. The ``H*S*D`` terms make the total quadratic in tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .config import MistralConfig
+
+__all__ = [
+    "dtype_bytes", "weight_bytes", "weight_breakdown", "kv_cache_bytes", "saved_tensors", "leak_bytes",
+    "leak_by_site", "leak_curve", "step_transient_bytes", "GrowthFit", "fit_growth",
+]
+
+
+def dtype_bytes(dtype: torch.dtype | str | None, config: MistralConfig | None = None) -> int:
+    """Bytes per element of ``dtype`` (a torch dtype or a config name); ``None`` means the config's dtype."""
+    if dtype is None:
+        if config is None:
+            raise ValueError("dtype_bytes(None) needs a config")
+        dtype = config.dtype
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# --------------------------------------------------------------------------------------------- weights
+def weight_breakdown(config: MistralConfig, dtype: torch.dtype | str | None = None,
+                     quant: str | None = None) -> dict[str, int]:
+    """Bytes of each kind of weight. ``quant="int8"``: every linear (``lm_head`` too) stored as int8 with
+    one float32 scale per output channel, as :func:`kvlab.quant.quantize_linears` does; embeddings and
+    norms stay in ``dtype``. Includes the rotary ``inv_freq`` buffer (float32)."""
+    e = dtype_bytes(dtype, config)
+    c, i, h, hkv, d, v, n = (config.hidden_size, config.intermediate_size, config.num_attention_heads,
+                             config.num_key_value_heads, config.head_dim, config.vocab_size,
+                             config.num_hidden_layers)
+    linears = [(h * d, c), (hkv * d, c), (hkv * d, c), (c, h * d), (i, c), (i, c), (c, i)] * n
+    if not config.tie_word_embeddings or quant == "int8":  # int8 gives a tied head its own int8 copy
+        linears.append((v, c))
+    if quant is None:
+        linear_bytes = sum(o * k for o, k in linears) * e
+    elif quant == "int8":
+        linear_bytes = sum(o * k + 4 * o for o, k in linears)
+    else:
+        raise ValueError(f"quant must be None or 'int8', got {quant!r}")
+    return {
+        "embeddings": v * c * e,
+        "linears": linear_bytes,
+        "norms": (2 * n + 1) * c * e,
+        "rotary_buffer": (d // 2) * 4,
+    }
+
+
+def weight_bytes(config: MistralConfig, dtype: torch.dtype | str | None = None, quant: str | None = None) -> int:
+    """Total bytes of a model's parameters and buffers (see :func:`weight_breakdown`)."""
+    return sum(weight_breakdown(config, dtype, quant).values())
+
+
+# --------------------------------------------------------------------------------------------- KV cache
+def kv_cache_bytes(config: MistralConfig, tokens: int, batch: int = 1, dtype: torch.dtype | str | None = None,
+                   kind: str = "concat", **options: object) -> int:
+    """K and V for every layer: ``2 * layers * kv_heads * head_dim * tokens * batch * bytes`` for the
+    concat cache. Other cache designs (``kind``: static, sliding, int8, paged ...) are sized by
+    :func:`kvlab.cache.kv_bytes`, which this defers to when it exists."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    try:
+        from .cache import kv_bytes
+    except ImportError:
+        kv_bytes = None
+    if kv_bytes is not None:
+        return int(kv_bytes(config, batch, tokens, dtype, kind, **options))
+    if kind != "concat":
+        raise ValueError(f"kv_cache_bytes(kind={kind!r}) needs kvlab.cache.kv_bytes")
+    e = dtype_bytes(dtype, config)
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * tokens * batch * e
+
+
+# --------------------------------------------------------------------------------------------- leak
+def saved_tensors(config: MistralConfig, new: int, cached: int, *, tokens_so_far: int | None = None,
+                  batch: int = 1, dtype: torch.dtype | str | None = None) -> pd.DataFrame:
+    """What autograd saves in one forward step of kvlab's model with trainable weights.
+
+    ``new`` tokens are processed with ``cached`` positions in the cache after the update (the prefill
+    has ``new == cached == prompt length``; a decode step has ``new == 1``). ``tokens_so_far`` is the
+    length of the token tensor the step's input is sliced from (default ``cached``).
+
+    Returns one row per saved tensor kind: ``name, site, scope`` (``"layer"``: once per layer;
+    ``"step"``: once per step; ``"final"``: final norm and ``lm_head``), ``part`` (``"pre-cache"``:
+    upstream of the layer's cache update, so reachable from the cache; ``"post-cache"``: reachable only
+    through later layers or the logits) and ``bytes``.
+    """
+    e = dtype_bytes(dtype, config)
+    b, t, s = batch, new, cached
+    c, i, h, d = config.hidden_size, config.intermediate_size, config.num_attention_heads, config.head_dim
+    n_tokens = cached if tokens_so_far is None else tokens_so_far
+    # In float32 the norms' "float32 input" is the residual stream itself, computed by the previous
+    # block (embedding, attention or MLP); in other dtypes it is a float32 copy made by the norm.
+    stream = "residual" if e == 4 else "norm"
+    rows = [
+        # name, site, scope, part, bytes
+        ("input norm: float32 input", stream, "layer", "pre-cache", b * t * c * 4),
+        ("input norm: rsqrt", "norm", "layer", "pre-cache", b * t * 4),
+        ("input norm: normalised input", "norm", "layer", "pre-cache", b * t * c * e),
+        ("input norm output (q/k/v_proj input)", "norm", "layer", "pre-cache", b * t * c * e),
+        ("query after rotary", "attention", "layer", "post-cache", b * t * h * d * e),
+        ("K after repeat_kv", "repeat_kv", "layer", "post-cache", b * h * s * d * e),
+        ("V after repeat_kv", "repeat_kv", "layer", "post-cache", b * h * s * d * e),
+        ("score scale (0-dim float64)", "attention", "layer", "post-cache", 8),
+        ("attention mask (bool)", "attention", "layer", "post-cache", b * t * s),
+        ("softmax output (float32)", "attention", "layer", "post-cache", b * h * t * s * 4),
+        ("probabilities in model dtype", "attention", "layer", "post-cache", b * h * t * s * e if e != 4 else 0),
+        ("attention output (o_proj input)", "attention", "layer", "post-cache", b * t * h * d * e),
+        ("post-attention norm: float32 input", stream, "layer", "post-cache", b * t * c * 4),
+        ("post-attention norm: rsqrt", "norm", "layer", "post-cache", b * t * 4),
+        ("post-attention norm: normalised input", "norm", "layer", "post-cache", b * t * c * e),
+        ("post-attention norm output (gate/up input)", "norm", "layer", "post-cache", b * t * c * e),
+        ("gate_proj output (SiLU input)", "mlp", "layer", "post-cache", b * t * i * e),
+        ("SiLU output", "mlp", "layer", "post-cache", b * t * i * e),
+        ("up_proj output", "mlp", "layer", "post-cache", b * t * i * e),
+        ("SiLU * up (down_proj input)", "mlp", "layer", "post-cache", b * t * i * e),
+        ("rotary cos", "rotary", "step", "pre-cache", b * t * d * e),
+        ("rotary sin", "rotary", "step", "pre-cache", b * t * d * e),
+        ("token ids (embedding indices)", "tokens", "step", "pre-cache", b * n_tokens * 8),
+        # The final norm saves a slice of the last residual: for float32 that is the whole (B, T, C)
+        # tensor; otherwise its float32 copy of the last position only.
+        ("final norm: float32 input", stream, "final", "post-cache", b * c * 4 * (t if e == 4 else 1)),
+        ("final norm: rsqrt", "norm", "final", "post-cache", b * 4),
+        ("final norm: normalised input", "norm", "final", "post-cache", b * c * e),
+        ("final norm output (lm_head input)", "norm", "final", "post-cache", b * c * e),
+    ]
+    return pd.DataFrame(rows, columns=["name", "site", "scope", "part", "bytes"])
+
+
+def _retained_step(config: MistralConfig, new: int, cached: int, tokens_so_far: int, batch: int,
+                   dtype: torch.dtype | str | None, last: bool) -> pd.Series:
+    """Bytes retained from one step, by site."""
+    inv = saved_tensors(config, new, cached, tokens_so_far=tokens_so_far, batch=batch, dtype=dtype)
+    n_layers = config.num_hidden_layers
+    layer = inv["scope"] == "layer"
+    if last:
+        weight = np.where(layer, n_layers, 1)
+    else:
+        weight = np.where(layer & (inv["part"] == "pre-cache"), n_layers,
+                          np.where(layer, n_layers - 1, np.where(inv["scope"] == "step", 1, 0)))
+    return (inv["bytes"] * weight).groupby(inv["site"]).sum()
+
+
+def leak_by_site(config: MistralConfig, new_tokens: int, prompt_len: int = 1, batch: int = 1,
+                 dtype: torch.dtype | str | None = None) -> dict[str, int]:
+    """Predicted bytes of saved tensors still alive after ``generate(prompt, new_tokens)`` with trainable
+    weights and the concat cache, by the site that allocated them."""
+    if new_tokens < 1 or prompt_len < 1:
+        raise ValueError("new_tokens and prompt_len must be at least 1")
+    total: pd.Series | None = None
+    for step in range(new_tokens):
+        if step == 0:
+            part = _retained_step(config, prompt_len, prompt_len, prompt_len, batch, dtype, new_tokens == 1)
+        else:
+            s = prompt_len + step
+            part = _retained_step(config, 1, s, s, batch, dtype, step == new_tokens - 1)
+        total = part if total is None else total.add(part, fill_value=0)
+    assert total is not None
+    return {site: int(v) for site, v in total.items() if v}
+
+
+def leak_bytes(config: MistralConfig, new_tokens: int, prompt_len: int = 1, batch: int = 1,
+               dtype: torch.dtype | str | None = None) -> int:
+    """Predicted bytes that autograd keeps alive after ``generate(prompt, new_tokens)`` (trainable
+    weights, concat cache, grad enabled), parameters and the cache itself not included."""
+    return sum(leak_by_site(config, new_tokens, prompt_len, batch, dtype).values())
+
+
+def leak_curve(config: MistralConfig, tokens: Iterable[int], prompt_len: int = 1, batch: int = 1,
+               dtype: torch.dtype | str | None = None) -> pd.DataFrame:
+    """Predicted leak and KV cache for several lengths: ``tokens, leak_bytes, kv_cache_bytes``."""
+    rows = [dict(tokens=n, leak_bytes=leak_bytes(config, n, prompt_len, batch, dtype),
+                 kv_cache_bytes=kv_cache_bytes(config, prompt_len + n - 1, batch, dtype)) for n in tokens]
+    return pd.DataFrame(rows, columns=["tokens", "leak_bytes", "kv_cache_bytes"])
+
+
+def step_transient_bytes(config: MistralConfig, cached: int, batch: int = 1,
+                         dtype: torch.dtype | str | None = None) -> int:
+    """Estimated peak of one decode step above what was alive before it (frozen weights, concat cache,
+    repeat_kv attention): the moment attention's output is allocated, with the repeat_kv'd K and V,
+    the masked scores, the float32 softmax, the query, the output, the mask and the residual stream
+    alive together. ``cached`` is the cache length after the step's update."""
+    e = dtype_bytes(dtype, config)
+    b, s = batch, cached
+    c, h, d = config.hidden_size, config.num_attention_heads, config.head_dim
+    attention = 2 * b * h * s * d * e + b * h * s * e + b * h * s * 4 + (0 if e == 4 else b * h * s * e)
+    attention += b * s + 2 * b * h * d * e  # mask, query, output
+    stream = 3 * b * c * e  # residual, normalised input, its output
+    return attention + stream
+
+
+# --------------------------------------------------------------------------------------------- growth law
+@dataclass
+class GrowthFit:
+    """``value ≈ prefactor * tokens ** slope``, fitted on log-log axes."""
+
+    slope: float
+    prefactor: float
+    tokens: np.ndarray
+    values: np.ndarray
+
+    def predict(self, tokens: Sequence[float] | np.ndarray | float) -> np.ndarray:
+        return self.prefactor * np.asarray(tokens, dtype=float) ** self.slope
+
+    @property
+    def law(self) -> str:
+        """What the slope means: ~2 quadratic (the leak), ~1 linear (a KV cache), ~0 constant (weights)."""
+        kind = {0: "constant", 1: "linear", 2: "quadratic"}.get(round(self.slope), "power law")
+        return f"{kind} (slope {self.slope:.2f})"
+
+
+def fit_growth(tokens: Sequence[float] | np.ndarray, values: Sequence[float] | np.ndarray,
+               min_tokens: float | None = None) -> GrowthFit:
+    """Least-squares slope of log(value) against log(tokens).
+
+    A leak of ``a*N**2 + b*N`` reads a little under 2 at small N, where the linear part still counts;
+    ``min_tokens`` drops the short end. Non-positive values (nothing measured yet) are ignored.
+    """
+    x = np.asarray(tokens, dtype=float)
+    y = np.asarray(values, dtype=float)
+    keep = (x > 0) & (y > 0)
+    if min_tokens is not None:
+        keep &= x >= min_tokens
+    x, y = x[keep], y[keep]
+    if len(x) < 2 or len(np.unique(x)) < 2:
+        raise ValueError("fit_growth needs at least two distinct token counts with positive values")
+    slope, intercept = np.polyfit(np.log(x), np.log(y), 1)
+    return GrowthFit(slope=float(slope), prefactor=float(math.exp(intercept)), tokens=x, values=y)
