@@ -84,3 +84,21 @@ def load_model(directory: str | Path, loader: str = "inference", device: torch.d
     if loader == "int8":
         quantize_linears(model)
     return model
+
+
+def random_model(config: MistralConfig | str = "tiny", loader: str = "inference", seed: int = 0,
+                 device: torch.device | str = "cpu") -> MistralForCausalLM:
+    """A model with seeded random weights, set up as ``loader`` would return it, without touching disk.
+
+    Tests and quick experiments use this; the notebooks go through a real checkpoint and
+    :func:`load_model`, which gives the same weights for the same seed.
+    """
+    from .checkpoint import random_state_dict
+    from .config import preset
+
+    if loader not in LOADERS:
+        raise ValueError(f"unknown loader {loader!r}; choose from {LOADERS}")
+    config = preset(config) if isinstance(config, str) else config
+    tensors = {name: t.to(device) for name, t in random_state_dict(config, seed).items()}
+    model = build_model(config, tensors, trainable=loader in ("trainable", "threaded"))
+    return quantize_linears(model) if loader == "int8" else model

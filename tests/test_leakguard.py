@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import importlib.util
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,19 +18,11 @@ from kvlab.leakguard import DecodeLeakError, check_decode_leak, kv_bytes_per_tok
 from kvlab.loaders import build_model, load_model
 from kvlab.memtrace import MemoryTracer
 
-pytest_plugins = ["kvlab.pytest_plugin"]
 
 STEPS = 8
 PROMPT = torch.tensor([[1]])
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """The tiny model's matmuls gain nothing from more threads; on busy cores they only wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

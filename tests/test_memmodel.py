@@ -5,43 +5,26 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from kvlab import memmodel
 from kvlab.cache import ConcatCache
 from kvlab.config import preset
 from kvlab.generate import generate
-from kvlab.model import MistralForCausalLM
+from kvlab.loaders import random_model
 from kvlab.plotting import plot_scaling
 from kvlab.retention import explain
 
 LENGTHS = (64, 128, 256)
 
 
-def tiny_model(trainable: bool, seed: int = 0, **overrides: object) -> MistralForCausalLM:
-    generator = torch.Generator().manual_seed(seed)
-    model = MistralForCausalLM(preset("tiny", **overrides))
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Linear):
-                module.weight.normal_(0.0, module.in_features ** -0.5, generator=generator)
-            elif isinstance(module, nn.Embedding):
-                module.weight.normal_(0.0, 1.0, generator=generator)
-    return model.requires_grad_(trainable)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def measured():
     """Retained saved-tensor bytes (autograd walk) and cache bytes after 64/128/256 trainable tokens."""
-    model = tiny_model(trainable=True)
+    model = random_model("tiny", "trainable")
     rows = []
     for n in LENGTHS:
         gen = generate(model, torch.tensor([[1]]), n, cache=ConcatCache(4))
@@ -60,7 +43,7 @@ def test_leak_model_within_ten_percent(measured, index: int) -> None:
 
 
 def test_leak_model_with_prompt_and_batch() -> None:
-    model = tiny_model(trainable=True)
+    model = random_model("tiny", "trainable")
     gen = generate(model, torch.arange(1, 9).view(2, 4), 24, cache=ConcatCache(4))
     measured = explain(gen.cache, gen.logits, model=model).saved_bytes
     assert memmodel.leak_bytes(model.config, 24, prompt_len=4, batch=2) == pytest.approx(measured, rel=0.10)
@@ -74,7 +57,7 @@ def test_repeat_kv_dominates_the_predicted_leak() -> None:
 
 @pytest.mark.parametrize("prompt_len,new,batch", [(1, 10, 1), (5, 33, 2), (3, 1, 3)])
 def test_kv_cache_prediction_is_exact(prompt_len: int, new: int, batch: int) -> None:
-    model = tiny_model(trainable=False)
+    model = random_model("tiny", "inference")
     prompt = torch.arange(1, 1 + prompt_len * batch).view(batch, prompt_len)
     gen = generate(model, prompt, new, cache=ConcatCache(4))
     tokens = prompt_len + new - 1
@@ -85,7 +68,7 @@ def test_kv_cache_prediction_is_exact(prompt_len: int, new: int, batch: int) -> 
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_weight_prediction_is_exact(tied: bool) -> None:
-    model = tiny_model(trainable=False, tie_word_embeddings=tied)
+    model = random_model(preset("tiny", tie_word_embeddings=tied), "inference")
     actual = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                   for t in [*model.parameters(), *model.buffers()]}.values())
     assert memmodel.weight_bytes(model.config) == actual
@@ -134,7 +117,7 @@ def test_saved_tensor_inventory_counts_per_step() -> None:
     per_step = inv.loc[inv["scope"] == "step", "bytes"].sum()
     final = inv.loc[inv["scope"] == "final", "bytes"].sum()
     # 4 layers x (norms, q, K/V repeated, mask, softmax, o_proj input, MLP) + cos/sin/tokens + final norm
-    model = tiny_model(trainable=True)
+    model = random_model("tiny", "trainable")
     saved: dict[int, int] = {}
     step = {"now": 0}
 

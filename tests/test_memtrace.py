@@ -7,14 +7,12 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 from kvlab import memmodel
 from kvlab.cache import ConcatCache
-from kvlab.config import preset
 from kvlab.generate import generate
+from kvlab.loaders import random_model
 from kvlab.memtrace import MemoryTracer, TracerError, cuda_memory_snapshot, save_results
-from kvlab.model import MistralForCausalLM
 from kvlab.plotting import plot_by_site, plot_timeline
 from kvlab.rss import rss_timeline, run_python
 from kvlab.sites import _listeners, site
@@ -22,29 +20,12 @@ from kvlab.sites import _listeners, site
 TOKENS = 256  # the trainable leak is ~212 MiB here
 
 
-def tiny_model(trainable: bool, seed: int = 0, **overrides: object) -> MistralForCausalLM:
-    generator = torch.Generator().manual_seed(seed)
-    model = MistralForCausalLM(preset("tiny", **overrides))
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Linear):
-                module.weight.normal_(0.0, module.in_features ** -0.5, generator=generator)
-            elif isinstance(module, nn.Embedding):
-                module.weight.normal_(0.0, 1.0, generator=generator)
-    return model.requires_grad_(trainable)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: decode steps are tiny, and two threads on a busy 2-core box thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def traced_run(trainable: bool, tokens: int = TOKENS):
-    model = tiny_model(trainable)
+    model = random_model("tiny", "trainable" if trainable else "inference")
     with MemoryTracer() as tracer:
         gen = generate(model, torch.tensor([[1]]), tokens, cache=ConcatCache(4), on_step=tracer.mark_step)
     return model, gen, tracer
@@ -107,7 +88,7 @@ def test_peak_inside_a_step_is_caught_and_steps_are_rows() -> None:
 
 
 def test_baseline_is_separate_and_charged_to_no_site() -> None:
-    model = tiny_model(trainable=False)
+    model = random_model("tiny", "inference")
     weights = storage_bytes([*model.parameters(), *model.buffers()])
     with MemoryTracer(baseline=[model]) as tracer:
         model(torch.tensor([[1, 2, 3]]))
@@ -139,22 +120,14 @@ def test_exact_bytes_match_rss_growth_in_an_honest_malloc_process() -> None:
     Batch 4: RSS also holds about 1 KiB of metadata per autograd node, whatever the tensors' size; four
     sequences give the same nodes four times the tensor bytes, so the leak (~346 MiB at 160 tokens)
     dominates as it does at real model sizes."""
-    code = f"""
+    code = """
 import json, torch
 torch.set_num_threads(1)
 from kvlab.cache import ConcatCache
 from kvlab.generate import generate
 from kvlab.memtrace import rss_vs_exact
-from kvlab.model import MistralForCausalLM
-from kvlab.config import preset
-generator = torch.Generator().manual_seed(0)
-model = MistralForCausalLM(preset("tiny"))  # trainable: parameters keep requires_grad=True
-with torch.no_grad():
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            module.weight.normal_(0.0, module.in_features ** -0.5, generator=generator)
-        elif isinstance(module, torch.nn.Embedding):
-            module.weight.normal_(0.0, 1.0, generator=generator)
+from kvlab.loaders import random_model
+model = random_model("tiny", "trainable")
 prompt = torch.tensor([[1], [2], [3], [4]])
 generate(model, prompt, 8, cache=ConcatCache(4))  # warm-up: one-off allocations out of the measure
 result = rss_vs_exact(lambda on_step: generate(model, prompt, 160, cache=ConcatCache(4), on_step=on_step))
@@ -257,7 +230,7 @@ def test_cuda_snapshot_needs_a_gpu_or_always_stops_recording(tmp_path, monkeypat
 
 # --------------------------------------------------------------------------------------------- RSS, results, plots
 def test_rss_timeline_marks_every_step() -> None:
-    model = tiny_model(trainable=True)
+    model = random_model("tiny", "trainable")
     timeline = rss_timeline(lambda mark: generate(model, torch.tensor([[1]]), 48, cache=ConcatCache(4), on_step=mark),
                             interval=0.005)
     assert list(timeline.steps["step"]) == list(range(48))
@@ -292,7 +265,7 @@ def test_plots_name_config_units_and_sites(leak) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_exact_bytes_match_the_caching_allocator() -> None:
-    model = tiny_model(trainable=True).cuda()
+    model = random_model("tiny", "trainable", device="cuda")
     prompt = torch.tensor([[1]], device="cuda")
     generate(model, prompt, 8, cache=ConcatCache(4))  # warm-up: cuBLAS workspace and friends
     gc.collect()
@@ -313,7 +286,7 @@ def test_cuda_exact_bytes_match_the_caching_allocator() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_snapshot_writes_html(tmp_path) -> None:
-    model = tiny_model(trainable=True).cuda()
+    model = random_model("tiny", "trainable", device="cuda")
     with cuda_memory_snapshot(tmp_path / "snap.html", max_entries=10_000) as files:
         generate(model, torch.tensor([[1]], device="cuda"), 16, cache=ConcatCache(4))
     html = files.html_path.read_text()

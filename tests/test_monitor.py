@@ -14,7 +14,6 @@ from kvlab.memtrace import MemoryTracer
 from kvlab.monitor import Alarm, MemoryMonitor
 from kvlab.sites import site
 
-pytest_plugins = ["kvlab.pytest_plugin"]
 
 MIB = 2**20
 

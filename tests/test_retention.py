@@ -7,39 +7,22 @@ import torch
 from torch import nn
 
 from kvlab.cache import ConcatCache
-from kvlab.config import preset
 from kvlab.generate import generate
+from kvlab.loaders import random_model
 from kvlab.memtrace import MemoryTracer, TracerError
-from kvlab.model import MistralForCausalLM
 from kvlab.retention import SavedTensorTags, collect_tensors, explain, tag_saved_tensors
 from kvlab.sites import _listeners
 
 TOKENS = 64
 
 
-def tiny_model(trainable: bool, seed: int = 0) -> MistralForCausalLM:
-    generator = torch.Generator().manual_seed(seed)
-    model = MistralForCausalLM(preset("tiny"))
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Linear):
-                module.weight.normal_(0.0, module.in_features ** -0.5, generator=generator)
-            elif isinstance(module, nn.Embedding):
-                module.weight.normal_(0.0, 1.0, generator=generator)
-    return model.requires_grad_(trainable)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def kvlab_leak():
-    model = tiny_model(trainable=True)
+    model = random_model("tiny", "trainable")
     with tag_saved_tensors() as tags:
         gen = generate(model, torch.tensor([[1]]), TOKENS, cache=ConcatCache(4), on_step=tags.mark_step)
     return model, gen, tags
@@ -74,7 +57,7 @@ def test_static_walk_works_without_tags(kvlab_leak) -> None:
 
 
 def test_tracer_sites_and_step_tags_agree() -> None:
-    model = tiny_model(trainable=True)
+    model = random_model("tiny", "trainable")
     with MemoryTracer() as tracer:
         gen = generate(model, torch.tensor([[1]]), 24, cache=ConcatCache(4), on_step=tracer.mark_step)
     report = explain(gen.cache, gen.logits, model=model, tracer=tracer)
@@ -87,7 +70,7 @@ def test_tracer_sites_and_step_tags_agree() -> None:
 
 @pytest.mark.parametrize("how", ["frozen weights", "no_grad", "inference_mode"])
 def test_fixed_loops_retain_nothing(how: str) -> None:
-    model = tiny_model(trainable=how != "frozen weights")
+    model = random_model("tiny", "inference" if how == "frozen weights" else "trainable")
     prompt = torch.tensor([[1]])
     with torch.no_grad() if how == "no_grad" else torch.enable_grad():
         gen = generate(model, prompt, 16, cache=ConcatCache(4), inference_mode=how == "inference_mode")
