@@ -20,8 +20,8 @@ import time
 import torch
 
 from kvlab.cache import ConcatCache
-from kvlab.config import preset
 from kvlab.generate import generate
+from kvlab.loaders import random_model
 from kvlab.memtrace import MemoryTracer
 from kvlab.model import MistralForCausalLM
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -40,15 +40,7 @@ class EmptyMode(TorchDispatchMode):
 
 def tiny_model(seed: int = 0) -> MistralForCausalLM:
     """The tiny preset with seeded random weights, frozen (inference loader)."""
-    generator = torch.Generator().manual_seed(seed)
-    model = MistralForCausalLM(preset("tiny"))
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear):
-                module.weight.normal_(0.0, module.in_features ** -0.5, generator=generator)
-            elif isinstance(module, torch.nn.Embedding):
-                module.weight.normal_(0.0, 1.0, generator=generator)
-    return model.requires_grad_(False)
+    return random_model("tiny", "inference", seed)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,7 @@ concat    one tensor per layer, regrown with ``torch.cat`` every step           
 static    preallocated (B, Hkv, max_tokens, D), written in place by position    max_tokens
 gqa       ``static`` storage, read by grouped attention (no repeat_kv copies)   max_tokens
 sliding   ring of ``sliding_window`` slots, slot = position % window            min(tokens, window)
-int8      ``concat`` storage quantized to int8 + one float32 scale per token    tokens (int8 + scales)
+int8      ``concat`` storage in int8 + a float32 scale per (token, KV head)     tokens (int8 + scales)
 paged     pool of fixed-size blocks + a block table per sequence                whole blocks in use
 ========  ==================================================================  =====================
 
