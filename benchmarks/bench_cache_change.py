@@ -31,10 +31,9 @@ from typing import Any
 import torch
 
 from kvlab.cache import CACHES, make_cache
-from kvlab.checkpoint import random_state_dict
 from kvlab.config import preset
 from kvlab.generate import generate
-from kvlab.loaders import build_model
+from kvlab.loaders import random_model
 from kvlab.memtrace import MemoryTracer
 
 FORMAT = "kvlab-bench-cache/1"
@@ -66,7 +65,7 @@ def measure(kind: str, model: torch.nn.Module, prompt: torch.Tensor, tokens: int
 
 def run_all(caches: list[str], tokens: int, prompt_len: int, repeats: int, window: int, seed: int) -> dict[str, Any]:
     config = preset("tiny", sliding_window=window)  # one config for all, so that "sliding" is comparable
-    model = build_model(config, random_state_dict(config, seed), trainable=False)
+    model = random_model(config, "inference", seed)
     prompt = torch.randint(0, config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
     results = {}
     for kind in caches:

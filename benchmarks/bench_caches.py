@@ -48,7 +48,9 @@ import torch
 from kvlab.cache import CACHES, EXACT_CACHES, make_cache
 from kvlab.checkpoint import random_state_dict
 from kvlab.config import MistralConfig, preset
+from kvlab.experiments import hf_model as shared_hf_model
 from kvlab.generate import generate
+from kvlab.loaders import model_for_loader
 from kvlab.model import MistralForCausalLM
 
 HF_RUNS = [("hf-eager", "dynamic"), ("hf-eager", "static"), ("hf-sdpa", "dynamic"), ("hf-sdpa", "static")]
@@ -57,22 +59,10 @@ WARMUP_TOKENS = 8
 MiB = 2 ** 20
 
 
-
-
-def kvlab_model(config: MistralConfig, state: dict[str, torch.Tensor]) -> MistralForCausalLM:
-    model = MistralForCausalLM(config).to(config.dtype)
-    model.load_state_dict(state)
-    return model.requires_grad_(False).eval()
-
-
 def hf_model(config: MistralConfig, state: dict[str, torch.Tensor], attn: str) -> Any:
-    import transformers
-
-    fields = {k: v for k, v in config.to_dict().items() if k != "torch_dtype"}
-    hf_config = transformers.MistralConfig(**fields, attn_implementation=attn)
-    model = transformers.MistralForCausalLM(hf_config).to(config.dtype)
-    model.load_state_dict(state, strict=True)
-    return model.requires_grad_(False).eval(), hf_config
+    """transformers' model over the same tensors, frozen, and its config."""
+    model = shared_hf_model(config, state, torch.device("cpu"), attn).requires_grad_(False)
+    return model, model.config
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -153,7 +143,7 @@ def build_runner(config: MistralConfig, state: dict[str, torch.Tensor], impl: st
     """A function n -> (tokens, decode seconds, cache bytes); ``models`` memoises the loaded models."""
     key = impl
     if key not in models:
-        models[key] = kvlab_model(config, state) if impl == "kvlab" else hf_model(config, state, impl[3:])
+        models[key] = model_for_loader(config, state, "inference") if impl == "kvlab" else hf_model(config, state, impl[3:])
     model = models[key]
     prompt = torch.randint(0, config.vocab_size, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
     if impl == "kvlab":
@@ -191,7 +181,7 @@ def kv_working_set(config: MistralConfig, state: dict[str, torch.Tensor], kind: 
 
     With repeat_kv that is the n_rep-fold copies; with grouped attention, the cache's own K/V.
     """
-    model = kvlab_model(config, state)
+    model = model_for_loader(config, state, "inference")
     cache = make_cache(kind, config, 1, max_tokens=PROMPT_LEN + n)
     update, per_step = cache.update, []
 

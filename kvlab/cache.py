@@ -42,6 +42,7 @@ from torch import Tensor
 
 from .config import MistralConfig
 from .errors import CacheOverflowError
+from .quant import dequantize_int8, quantize_int8
 
 if TYPE_CHECKING:
     from torch import nn
@@ -69,7 +70,8 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        raise NotImplementedError
+        """Bytes of K/V held: by default every tensor of :meth:`tensors`."""
+        return sum(t.nbytes for t in self.tensors())
 
     def tensors(self) -> list[Tensor]:
         """Every tensor the cache holds, for memory tools and leak checks."""
@@ -84,7 +86,37 @@ class KVCache:
     ragged: bool = False
 
 
-class ConcatCache(KVCache):
+class _GrowingCache(KVCache):
+    """What the caches that grow with ``torch.cat`` share (``concat``, ``int8``): one entry per layer, set
+    by the layer's first update and concatenated onto by every later one, with the positions alongside."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = num_layers
+        self.reset()
+
+    @classmethod
+    def from_config(cls, config: MistralConfig, batch_size: int, max_tokens: int | None,
+                    device: torch.device | str, dtype: torch.dtype) -> "_GrowingCache":
+        return cls(config.num_hidden_layers)
+
+    def reset(self) -> None:
+        self.positions: list[Tensor | None] = [None] * self.num_layers
+
+    def _store_positions(self, layer: int, positions: Tensor) -> Tensor:
+        """Record a layer's new positions (B, T) and return all of them (B, S)."""
+        if self.positions[layer] is None:
+            self.positions[layer] = positions
+        else:
+            with torch.no_grad():  # bookkeeping only; positions never carry a graph
+                self.positions[layer] = torch.cat([self.positions[layer], positions], dim=1)
+        return self.positions[layer]
+
+    @property
+    def seq_len(self) -> int:
+        return 0 if self.positions[0] is None else self.positions[0].shape[1]
+
+
+class ConcatCache(_GrowingCache):
     """Grows with ``torch.cat`` every step, like Candle's ``KvCache`` and transformers' ``DynamicCache``.
 
     Each step's cache is a new tensor computed from the previous one, so under autograd the cache's
@@ -93,37 +125,20 @@ class ConcatCache(KVCache):
 
     kind = "concat"
 
-    def __init__(self, num_layers: int) -> None:
-        self.num_layers = num_layers
-        self.reset()
-
-    @classmethod
-    def from_config(cls, config: MistralConfig, batch_size: int, max_tokens: int | None,
-                    device: torch.device | str, dtype: torch.dtype) -> "ConcatCache":
-        return cls(config.num_hidden_layers)
-
     def reset(self) -> None:
         self.keys: list[Tensor | None] = [None] * self.num_layers
         self.values: list[Tensor | None] = [None] * self.num_layers
-        self.positions: list[Tensor | None] = [None] * self.num_layers
+        super().reset()
 
     def update(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        if self.keys[layer] is None:
-            self.keys[layer], self.values[layer], self.positions[layer] = k, v, positions
+        first = self.keys[layer] is None
+        positions = self._store_positions(layer, positions)
+        if first:
+            self.keys[layer], self.values[layer] = k, v
         else:
-            with torch.no_grad():  # bookkeeping only; positions never carry a graph
-                self.positions[layer] = torch.cat([self.positions[layer], positions], dim=1)
             self.keys[layer] = torch.cat([self.keys[layer], k], dim=2)  # (B, Hkv, S+T, D)
             self.values[layer] = torch.cat([self.values[layer], v], dim=2)
-        return self.keys[layer], self.values[layer], self.positions[layer]
-
-    @property
-    def seq_len(self) -> int:
-        return 0 if self.positions[0] is None else self.positions[0].shape[1]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors())
+        return self.keys[layer], self.values[layer], positions
 
     def tensors(self) -> list[Tensor]:
         return [t for t in (*self.keys, *self.values) if t is not None]
@@ -224,6 +239,20 @@ class _RowCache(KVCache):
         raise NotImplementedError
 
 
+def _compiling() -> bool:
+    """True while ``torch.compile`` traces the code (which must then do nothing host-side)."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling and is_compiling())
+
+
+def _mark_static_address(*tensors: Tensor) -> None:
+    """Tell ``torch.compile`` these buffers keep their address, so CUDA graphs may use them in place."""
+    mark = getattr(getattr(torch, "_dynamo", None), "mark_static_address", None)
+    if mark is not None:
+        for t in tensors:
+            mark(t)
+
+
 def _write_plan(slots: list[list[int]], device: torch.device) -> tuple[str, Any]:
     """How to write T tokens per row into slot indices ``slots`` (rows x T) of dim 2 of a (B, Hkv, S, D)
     buffer: ``("slice", slice)`` when every row writes the same contiguous run (a plain copy),
@@ -256,17 +285,31 @@ def _write(buf: Tensor, how: str, where: Any, src: Tensor) -> None:
 class StaticCache(_RowCache):
     """Preallocated (B, Hkv, max_tokens, D) buffers written in place at each token's position;
     attention sees all ``max_tokens`` slots, unwritten ones at key position -1 (fixed shapes, the
-    design compiled decoders use). ``trim=True`` returns only the written prefix instead."""
+    design compiled decoders use). ``trim=True`` returns only the written prefix instead.
+
+    ``uniform_positions=True`` is the compiled decoder's mode (:mod:`kvlab.fastpath`): the caller
+    promises that every row is written at the same positions, so under ``torch.compile`` an update is
+    two device-side ``index_copy_`` at ``positions[0]`` -- no host sync, no Python-side bookkeeping,
+    nothing that changes between steps, as a CUDA graph needs (overflow is then not checked and
+    ``seq_len``/``lengths`` stay where eager code last left them). Outside ``torch.compile`` the same
+    cache validates and writes like any other, ragged rows included. Its buffers are marked as static
+    addresses for the compiler, and :meth:`reset` keeps them (zeroed in place) unless a graph hangs off
+    them; other static caches reset to fresh buffers.
+    """
 
     kind = "static"
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_tokens: int,
                  *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 trim: bool = False) -> None:
+                 trim: bool = False, uniform_positions: bool = False) -> None:
         if max_tokens is None or max_tokens <= 0:
             raise ValueError(f"{type(self).__name__} needs max_tokens > 0 (prompt + new tokens), got {max_tokens}")
+        if uniform_positions and trim:
+            raise ValueError(f"{type(self).__name__}: uniform_positions (compiled decoding) needs fixed shapes, "
+                             "i.e. trim=False")
         super().__init__(num_layers, batch_size, num_kv_heads, head_dim, device, dtype)
-        self.max_tokens, self.trim = max_tokens, trim
+        self.max_tokens, self.trim, self.uniform_positions = max_tokens, trim, uniform_positions
+        self.keys: list[Tensor] = []
         self.reset()
 
     @classmethod
@@ -278,14 +321,33 @@ class StaticCache(_RowCache):
                    max_tokens, device=device, dtype=dtype, **options)
 
     def reset(self) -> None:
-        # Fresh buffers rather than zero_(): after a run with trainable weights the old buffers carry a
-        # graph, and only dropping them releases it.
-        shape = (self.batch_size, self.num_kv_heads, self.max_tokens, self.head_dim)
-        self.keys = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.num_layers)]
-        self.values = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.num_layers)]
-        self.key_positions = torch.full((self.batch_size, self.max_tokens), -1, dtype=torch.long,
-                                        device=self.device)  # (B, max_tokens)
+        buffers = [*self.keys, *self.values, self.key_positions] if self.keys else []
+        if self.uniform_positions and buffers and not any(t.requires_grad or t.is_inference() for t in buffers):
+            # In place: the buffers keep their addresses, which captured CUDA graphs replay on.
+            for t in buffers[:-1]:
+                t.zero_()
+            self.key_positions.fill_(-1)
+        else:
+            # Fresh buffers: after a run with trainable weights the old ones carry a graph, and only
+            # dropping them releases it (inference tensors cannot be written outside inference mode).
+            shape = (self.batch_size, self.num_kv_heads, self.max_tokens, self.head_dim)
+            self.keys = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.num_layers)]
+            self.values = [torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(self.num_layers)]
+            self.key_positions = torch.full((self.batch_size, self.max_tokens), -1, dtype=torch.long,
+                                            device=self.device)  # (B, max_tokens)
+            if self.uniform_positions:
+                _mark_static_address(*self.keys, *self.values, self.key_positions)
         self._reset_rows()
+
+    def update(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.uniform_positions and _compiling():
+            index = positions[0]  # (T,): every row at the same positions
+            self.keys[layer].index_copy_(2, index, k)
+            self.values[layer].index_copy_(2, index, v)
+            if layer == 0:
+                self.key_positions.index_copy_(1, index, positions)
+            return self.keys[layer], self.values[layer], self.key_positions
+        return self._update(layer, k, v, positions, None)
 
     def _prepare(self, positions: Tensor, row: int | None) -> Any:
         rows, pos = self._row_positions(positions, row)
@@ -317,10 +379,6 @@ class StaticCache(_RowCache):
             return keys[:, :, :hi], values[:, :, :hi], key_positions[:, :hi]
         return keys, values, key_positions
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors())
-
     def tensors(self) -> list[Tensor]:
         return [*self.keys, *self.values]
 
@@ -340,9 +398,9 @@ class GroupedCache(StaticCache):
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_tokens: int,
                  *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 trim: bool = True) -> None:
+                 trim: bool = True, uniform_positions: bool = False) -> None:
         super().__init__(num_layers, batch_size, num_kv_heads, head_dim, max_tokens, device=device, dtype=dtype,
-                         trim=trim)
+                         trim=trim, uniform_positions=uniform_positions)
 
 
 # --------------------------------------------------------------------------- sliding window
@@ -429,69 +487,32 @@ class SlidingWindowCache(_RowCache):
             returned_positions = self.key_positions if rsl is None else self.key_positions[rsl]
         return out[0], out[1], returned_positions
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors())
-
     def tensors(self) -> list[Tensor]:
         return [*self.keys, *self.values]
 
 
 # --------------------------------------------------------------------------- int8
-def quantize_int8(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-(token, head) absmax quantization: x (..., D) -> int8 data (..., D), float32 scale (..., 1).
-
-    The scale stays differentiable (no detach): under autograd the cache's scales carry the graph.
-    """
-    scale = x.float().abs().amax(dim=-1, keepdim=True) / 127.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: any scale works
-    data = torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8)
-    return data, scale
-
-
-def dequantize_int8(data: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    return (data.float() * scale).to(dtype)
-
-
-class Int8Cache(KVCache):
+class Int8Cache(_GrowingCache):
     """``concat`` storage with K and V rounded to int8 plus one float32 absmax scale per (token, KV head),
     dequantized on every read: (D + 4) bytes per head-token instead of D x elem_size. Not exact."""
 
     kind = "int8"
 
-    def __init__(self, num_layers: int) -> None:
-        self.num_layers = num_layers
-        self.reset()
-
-    @classmethod
-    def from_config(cls, config: MistralConfig, batch_size: int, max_tokens: int | None,
-                    device: torch.device | str, dtype: torch.dtype) -> "Int8Cache":
-        return cls(config.num_hidden_layers)
-
     def reset(self) -> None:
-        n = self.num_layers
         # Per layer: int8 K, K scales, int8 V, V scales -- (B, Hkv, S, D) int8 / (B, Hkv, S, 1) float32.
-        self.stores: list[list[Tensor] | None] = [None] * n
-        self.positions: list[Tensor | None] = [None] * n
+        self.stores: list[list[Tensor] | None] = [None] * self.num_layers
+        super().reset()
 
     def update(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        new = [*quantize_int8(k), *quantize_int8(v)]
+        new = [*quantize_int8(k, keepdim=True, differentiable=True),
+               *quantize_int8(v, keepdim=True, differentiable=True)]
         if self.stores[layer] is None:
-            self.stores[layer], self.positions[layer] = new, positions
+            self.stores[layer] = new
         else:
             self.stores[layer] = [torch.cat([old, part], dim=2) for old, part in zip(self.stores[layer], new)]
-            with torch.no_grad():
-                self.positions[layer] = torch.cat([self.positions[layer], positions], dim=1)
+        positions = self._store_positions(layer, positions)
         kq, ks, vq, vs = self.stores[layer]
-        return dequantize_int8(kq, ks, k.dtype), dequantize_int8(vq, vs, v.dtype), self.positions[layer]
-
-    @property
-    def seq_len(self) -> int:
-        return 0 if self.positions[0] is None else self.positions[0].shape[1]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors())
+        return dequantize_int8(kq, ks, k.dtype), dequantize_int8(vq, vs, v.dtype), positions
 
     def tensors(self) -> list[Tensor]:
         return [t for store in self.stores if store is not None for t in store]

@@ -444,21 +444,29 @@ def _few(names: list[str], limit: int = 5) -> str:
 
 
 # ------------------------------------------------------------------------------------------ test data
-def random_state_dict(config: MistralConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_state_dict(config: MistralConfig, seed: int = 0, *, device: torch.device | str | None = None,
+                      dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Seeded random weights, drawn in model order, scaled so activations keep unit size.
 
-    Matrices are N(0, 1/fan_in) and embeddings N(0, 1): with the usual N(0, 0.02) a random decoder
-    collapses onto one repeated token, and token-equality checks between caches would prove little.
+    Matrices are N(0, 1/fan_in), embeddings N(0, 1) and norms ones: with the usual N(0, 0.02) a random
+    decoder collapses onto one repeated token, and token-equality checks between caches would prove little.
+
+    ``dtype`` defaults to the config's. ``device`` (default CPU) is where the values are drawn, by a
+    generator of that device: a GPU model (the 7B preset's 14.5 GB) never passes through host memory.
+    The same seed therefore gives different values on CPU and on CUDA; on CPU they are the ones every
+    kvlab checkpoint was built from.
     """
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    device = torch.device("cpu" if device is None else device)
+    dtype = dtype or config.dtype
+    generator = torch.Generator(device=device).manual_seed(seed)
     state = {}
     for name, shape in expected_tensors(config).items():
         if len(shape) == 1:
-            state[name] = torch.ones(shape, dtype=config.dtype)
+            state[name] = torch.ones(shape, dtype=dtype, device=device)
             continue
         std = 1.0 if name == "model.embed_tokens.weight" else shape[1] ** -0.5
         # drawn in float32, so the draws do not depend on the storage dtype
-        state[name] = torch.empty(shape).normal_(0.0, std, generator=generator).to(config.dtype)
+        state[name] = torch.empty(shape, device=device).normal_(0.0, std, generator=generator).to(dtype)
     return state
 
 

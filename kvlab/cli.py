@@ -58,10 +58,6 @@ def _preset_config(name: str) -> Any:
     return preset(name)
 
 
-def _fmt_bytes(nbytes: float) -> str:
-    return f"{nbytes / 2**20:.2f} MiB" if abs(nbytes) >= 2**20 else f"{nbytes / 1024:.1f} KiB"
-
-
 # ---------------------------------------------------------------------------------------- build-checkpoint
 def cmd_build_checkpoint(args: argparse.Namespace) -> int:
     from .checkpoint import build_checkpoint, random_state_dict, save_checkpoint
@@ -80,6 +76,7 @@ def cmd_build_checkpoint(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------- validate
 def cmd_validate(args: argparse.Namespace) -> int:
+    from .memtrace import fmt_bytes
     from .validate import as_dtype, validate_checkpoint, validate_model
 
     try:
@@ -90,7 +87,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     report = validate_checkpoint(path, expected_dtype=expected_dtype)
     reports = [report]
     print(report.verdict)
-    details = ", ".join(f"{k}={_fmt_bytes(v) if k == 'bytes' else v}" for k, v in report.details.items())
+    details = ", ".join(f"{k}={fmt_bytes(v) if k == 'bytes' else v}" for k, v in report.details.items())
     print(f"  checkpoint: {details}")
     if not report.findings.empty:
         print(report.describe(limit=args.limit))
@@ -236,13 +233,15 @@ def _plot(frame: Any, path: Path, config: Any, loader: str, cache: str) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    from .memtrace import fmt_bytes
+
     result = reproduce(args.preset, args.loader, args.cache, args.tokens, args.out, seed=args.seed,
                        prompt_len=args.prompt_len, device=args.device, checkpoint=args.checkpoint,
                        progress=not args.quiet)
     check = result.meta["leak_check"]
-    print(f"{result.meta['verdict']}: retained {_fmt_bytes(check['retained_n_bytes'])} after {check['steps']} "
-          f"steps, {_fmt_bytes(check['retained_2n_bytes'])} after {2 * check['steps']} (x{check['growth_ratio']:.2f}); "
-          f"KV cache {_fmt_bytes(check['kv_cache_2n_bytes'])}")
+    print(f"{result.meta['verdict']}: retained {fmt_bytes(check['retained_n_bytes'])} after {check['steps']} "
+          f"steps, {fmt_bytes(check['retained_2n_bytes'])} after {2 * check['steps']} (x{check['growth_ratio']:.2f}); "
+          f"KV cache {fmt_bytes(check['kv_cache_2n_bytes'])}")
     for path in (result.csv, result.png, result.json):
         print(f"  wrote {path}")
     if result.leak and args.fail_on_leak:

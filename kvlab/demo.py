@@ -50,7 +50,7 @@ def run_demo(preset: str = "tiny", tokens: int = 256, loaders: Sequence[str] = L
         config = model.config
         kept: dict[int, Retained] = {}
 
-        def probe(step: Step) -> None:
+        def probe(step: Step, model: torch.nn.Module = model, kept: dict[int, Retained] = kept) -> None:
             if step.index + 1 in (half, tokens):
                 kept[step.index + 1] = measure_retained((step.cache, step.logits), model)
 
@@ -70,7 +70,7 @@ def run_demo(preset: str = "tiny", tokens: int = 256, loaders: Sequence[str] = L
             "seconds": seconds,
             "tokens": result.tokens[0, 1:].tolist(),
         })
-        del model, result, kept
+        del model, result, kept, probe  # free this loader's model before the next one loads
     return pd.DataFrame(rows)
 
 

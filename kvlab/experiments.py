@@ -49,12 +49,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import cache as cache_module
-from .cache import KVCache
+from .cache import KVCache, kv_bytes, make_cache
+from .checkpoint import random_state_dict
 from .config import DTYPES, MistralConfig, preset
-from .fastpath import FastDecoder, StaticKVCache
+from .fastpath import FastDecoder, sync
 from .generate import generate
-from .model import MistralForCausalLM
+from .loaders import model_for_loader
 
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 GiB = 1024 ** 3
@@ -66,50 +66,6 @@ INCIDENT = {"unquantized_total_GB": 6.0, "quantized_total_GB": 0.1, "repeat_kv_G
 
 
 # ----------------------------------------------------------------------------- weights and models
-def random_weights(config: MistralConfig, device: torch.device | str, dtype: torch.dtype,
-                   seed: int = 0) -> dict[str, Tensor]:
-    """Seeded random weights drawn on ``device``: linears N(0, fan_in^-1/2), embeddings N(0, 1), norms 1.
-
-    Drawing on the device avoids a 14.5 GB host copy; the values are irrelevant for memory and speed.
-    """
-    device = torch.device(device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    try:
-        from .checkpoint import expected_tensors
-
-        shapes = dict(expected_tensors(config))
-    except ImportError:
-        with torch.device("meta"):
-            shapes = {name: tuple(p.shape) for name, p in MistralForCausalLM(config).named_parameters()}
-    if config.tie_word_embeddings:
-        shapes.pop("lm_head.weight", None)
-    state = {}
-    for name, shape in shapes.items():
-        t = torch.empty(shape, device=device, dtype=dtype)
-        if len(shape) == 1:
-            t.fill_(1.0)
-        elif name.endswith("embed_tokens.weight"):
-            t.normal_(0.0, 1.0, generator=generator)
-        else:
-            t.normal_(0.0, shape[1] ** -0.5, generator=generator)
-        state[name] = t
-    return state
-
-
-def build(config: MistralConfig, weights: dict[str, Tensor], loader: str) -> nn.Module:
-    """A kvlab model over ``weights`` (shared storage: no copy) as the named loader would make it."""
-    from .loaders import build_model
-    from .quant import quantize_linears
-
-    if loader not in LOADERS + ("threaded",):
-        raise ValueError(f"unknown loader {loader!r}")
-    model = build_model(config, {k: v.detach() for k, v in weights.items()},
-                        trainable=loader in ("trainable", "threaded"))
-    if loader == "int8":
-        quantize_linears(model)
-    return model
-
-
 def tensor_bytes(tensors: Any) -> int:
     """Bytes of the distinct storages behind ``tensors`` (shared weights counted once)."""
     seen: dict[int, int] = {}
@@ -121,23 +77,6 @@ def tensor_bytes(tensors: Any) -> int:
 
 def model_bytes(model: nn.Module) -> int:
     return tensor_bytes([*model.parameters(), *model.buffers()])
-
-
-def new_cache(kind: str, config: MistralConfig, batch: int, max_tokens: int, device: torch.device,
-              dtype: torch.dtype) -> KVCache:
-    """``kvlab.cache.make_cache`` when it knows ``kind``; else the fast path's static cache
-    (``static``: with repeat_kv, ``gqa``: grouped attention)."""
-    make_cache = getattr(cache_module, "make_cache", None)
-    try:
-        if make_cache is None:
-            raise NotImplementedError("kvlab.cache.make_cache is missing")
-        return make_cache(kind, config, batch_size=batch, max_tokens=max_tokens, device=device, dtype=dtype)
-    except (ValueError, NotImplementedError, TypeError):
-        if kind == "concat":
-            return cache_module.ConcatCache(config.num_hidden_layers)
-        if kind in ("static", "gqa"):
-            return StaticKVCache(config, batch, max_tokens, device, dtype, grouped=kind == "gqa")
-        raise
 
 
 def kv_nbytes(cache: KVCache | None) -> int:
@@ -173,11 +112,6 @@ def per_step_sites(tracer: Any) -> dict[int, dict[str, int]]:
 
 
 # ----------------------------------------------------------------------------- device helpers
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def allocated(device: torch.device) -> float:
     return float(torch.cuda.memory_allocated(device)) if device.type == "cuda" else math.nan
 
@@ -419,7 +353,8 @@ class Context:
                 del self.weights[other]
             cleanup(self.device)
             start = time.perf_counter()
-            self.weights[dtype] = random_weights(self.config, self.device, DTYPES[dtype], seed=self.args.seed)
+            self.weights[dtype] = random_state_dict(self.config, self.args.seed, device=self.device,
+                                                    dtype=DTYPES[dtype])
             sync(self.device)
             self.rec.meta.setdefault("weights", {})[dtype] = {
                 "bytes": tensor_bytes(self.weights[dtype].values()),
@@ -441,7 +376,7 @@ def run_kvlab(ctx: Context, spec: RunSpec, run_cap_s: float | None = None) -> di
         ctx.rec.runs.append(run)
         ctx.rec.flush()
         return run
-    model = build(config, ctx.state(spec.dtype), spec.loader)
+    model = model_for_loader(config, ctx.state(spec.dtype), spec.loader)
     weights = model_bytes(model)
     prompt = ctx.prompt()
     # On a CPU the tracer is the only memory measure, so leak-type runs are always traced there.
@@ -454,7 +389,8 @@ def run_kvlab(ctx: Context, spec: RunSpec, run_cap_s: float | None = None) -> di
     try:
         probe.begin()
         with tracer if tracer is not None else contextlib.nullcontext():
-            cache_box[0] = new_cache(spec.cache, config, 1, prompt.shape[1] + spec.tokens, device, DTYPES[spec.dtype])
+            cache_box[0] = make_cache(spec.cache, config, 1, prompt.shape[1] + spec.tokens, device,
+                                      DTYPES[spec.dtype])
             extra["cache_impl"] = cache_impl(cache_box[0])
             generate(model, prompt, spec.tokens, cache=cache_box[0], on_step=lambda s: probe.step(s.index))
     except OOM as exc:
@@ -613,7 +549,7 @@ def hf_generate_speed(ctx: Context, model: nn.Module, tokens: int, cache_impleme
 def logit_parity(ctx: Context, dtype: str, attn: str) -> dict[str, Any]:
     config = ctx.config.replace(torch_dtype=dtype)
     weights = ctx.state(dtype)
-    ours, theirs = build(config, weights, "inference"), hf_model(config, weights, ctx.device, attn)
+    ours, theirs = model_for_loader(config, weights, "inference"), hf_model(config, weights, ctx.device, attn)
     ids = ctx.prompt(ctx.args.parity_len)
     with torch.no_grad():
         a, b = ours(ids).float(), theirs(input_ids=ids).logits.float()
@@ -655,7 +591,7 @@ def suite_fast(ctx: Context) -> None:
         if ctx.remaining() < (240 if compile_on else 20):
             results[label] = {"status": "skipped", "detail": "time budget"}
             continue
-        model = build(config, weights, "inference")
+        model = model_for_loader(config, weights, "inference")
         cleanup(device)
         result: dict[str, Any] = {"grouped": grouped, "compiled": compile_on, "prompt_tokens": prompt.shape[1],
                                   "new_tokens": new, "max_tokens": prompt.shape[1] + new + args.static_slack}
@@ -721,8 +657,7 @@ def summarize_speed(ctx: Context) -> None:
         summary["kvlab_best_over_hf_best"] = summary["kvlab_best"]["tok_per_s"] / summary["hf_best"]["tok_per_s"]
     if bw and wbytes:
         tokens = ctx.args.prompt_len + ctx.args.speed_tokens / 2  # mean cache length while timing
-        kv_per_token = 2 * ctx.config.num_hidden_layers * ctx.config.num_key_value_heads * ctx.config.head_dim * \
-            DTYPES[dtype].itemsize
+        kv_per_token = kv_bytes(ctx.config, 1, 1, DTYPES[dtype])
         summary["roofline_weights_only_tok_per_s"] = bw / wbytes
         summary["roofline_with_kv_tok_per_s"] = bw / (wbytes + kv_per_token * tokens)
         if kvlab_paths:

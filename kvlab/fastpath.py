@@ -5,9 +5,11 @@ the bytes read per token (the roofline). Eager PyTorch is far from it: each toke
 thousand small kernels from Python. This module removes that overhead the way gpt-fast does, with no
 change to :mod:`kvlab.model`:
 
-- :class:`StaticKVCache` preallocates K/V for ``max_tokens`` positions and writes with ``index_copy_``,
-  so every decode step has the same shapes; the key positions it returns (-1 for empty slots) make
-  the model's own mask hide the unwritten part.
+- The cache is :mod:`kvlab.cache`'s ``static`` (or ``gqa``) cache with ``uniform_positions=True`` and
+  ``trim=False``: preallocated K/V for ``max_tokens`` positions at fixed addresses, written under
+  ``torch.compile`` with ``index_copy_`` at a device-side position, so every decode step has the same
+  shapes and no host sync; the key positions it returns (-1 for empty slots) make the model's own
+  mask hide the unwritten part.
 - Positions are a device tensor, so nothing in the step depends on a Python integer that changes.
 - :func:`decode_one_token` (logits -> greedy token) is compiled with
   ``torch.compile(mode="reduce-overhead", fullgraph=True)``: one graph, replayed as a CUDA graph.
@@ -28,69 +30,23 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .cache import KVCache
+from .cache import KVCache, StaticCache, make_cache
 from .config import MistralConfig
 from .errors import CacheOverflowError
 
 
-def _compiling() -> bool:
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(is_compiling and is_compiling())
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that host timings cover it; nothing elsewhere."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-class StaticKVCache(KVCache):
-    """Preallocated K/V written in place at absolute positions; shapes never change between steps.
-
-    Every row of the batch is written at the same positions (``positions[0]``), which is all greedy
-    batch decoding needs. ``update`` returns the whole buffer; empty slots carry position -1.
-    """
-
-    def __init__(self, config: MistralConfig, batch_size: int, max_tokens: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                 grouped: bool = False) -> None:
-        dtype = dtype or config.dtype
-        shape = (batch_size, config.num_key_value_heads, max_tokens, config.head_dim)  # (B, Hkv, S, D)
-        self.grouped = grouped
-        self.max_tokens = max_tokens
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.positions = torch.full((batch_size, max_tokens), -1, device=device, dtype=torch.long)  # (B, S)
-        self._len = 0  # host-side count for eager callers; compiled code never reads it
-        mark_static = getattr(getattr(torch, "_dynamo", None), "mark_static_address", None)
-        if mark_static is not None:  # CUDA graphs may then keep these buffers at fixed addresses
-            for t in (*self.keys, *self.values, self.positions):
-                mark_static(t)
-
-    def update(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        index = positions[0]  # (T,)
-        if not _compiling():
-            if layer == 0:
-                end = int(index.max()) + 1
-                if end > self.max_tokens:
-                    raise CacheOverflowError(f"static cache holds {self.max_tokens} positions; asked to write {end}")
-                self._len = max(self._len, end)
-        self.keys[layer].index_copy_(2, index, k)
-        self.values[layer].index_copy_(2, index, v)
-        if layer == 0:
-            self.positions.index_copy_(1, index, positions)
-        return self.keys[layer], self.values[layer], self.positions
-
-    def reset(self) -> None:
-        for t in (*self.keys, *self.values):
-            t.zero_()
-        self.positions.fill_(-1)
-        self._len = 0
-
-    @property
-    def seq_len(self) -> int:
-        return self._len
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in (*self.keys, *self.values))
-
-    def tensors(self) -> list[Tensor]:
-        return [*self.keys, *self.values]
+def fast_cache(config: MistralConfig, batch_size: int, max_tokens: int, device: torch.device | str = "cpu",
+               dtype: torch.dtype | None = None, grouped: bool = False) -> StaticCache:
+    """The cache :class:`FastDecoder` decodes into: ``gqa`` (``grouped``) or ``static``, every slot
+    returned (fixed shapes), rows written at shared positions (sync-free under ``torch.compile``)."""
+    return make_cache("gqa" if grouped else "static", config, batch_size, max_tokens=max_tokens, device=device,
+                      dtype=dtype, trim=False, uniform_positions=True)
 
 
 def decode_one_token(model: nn.Module, cache: KVCache, token: Tensor, positions: Tensor) -> Tensor:
@@ -125,7 +81,7 @@ class FastDecoder:
         self.model = model
         self.device = weight.device
         dtype = weight.dtype if weight.is_floating_point() else model.model.embed_tokens.weight.dtype
-        self.cache = StaticKVCache(model.config, batch_size, max_tokens, self.device, dtype, grouped=grouped)
+        self.cache = fast_cache(model.config, batch_size, max_tokens, self.device, dtype, grouped=grouped)
         if compile is None:
             compile = self.device.type == "cuda"
         self.compiled = compile
@@ -135,10 +91,6 @@ class FastDecoder:
             if backend == "inductor" and mode is not None:
                 options["mode"] = mode
             self.step = torch.compile(decode_one_token, **options)
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def _mark_step(self) -> None:
         mark = getattr(getattr(torch, "compiler", None), "cudagraph_mark_step_begin", None)
@@ -156,9 +108,9 @@ class FastDecoder:
         if warmup:
             start = time.perf_counter()
             self._run(prompt, min(warmup, new_tokens))
-            self._sync()
+            sync(self.device)
             compile_seconds = time.perf_counter() - start
-        self._sync()
+        sync(self.device)
         tokens, seconds = self._run(prompt, new_tokens)
         return FastTiming(tokens, new_tokens - 1, seconds, compile_seconds)
 
@@ -170,12 +122,12 @@ class FastDecoder:
         token = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
         position = torch.full((b, 1), t, device=self.device, dtype=torch.long)
         out = [token]
-        self._sync()
+        sync(self.device)
         start = time.perf_counter()
         for _ in range(new_tokens - 1):
             self._mark_step()
             token = self.step(self.model, self.cache, token, position).clone()
             position = position + 1
             out.append(token)
-        self._sync()
+        sync(self.device)
         return torch.cat([prompt, *out], dim=1), time.perf_counter() - start

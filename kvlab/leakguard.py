@@ -21,7 +21,6 @@ a transformers ``DynamicCache``, a tuple of those ...).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import gc
 import inspect
@@ -31,13 +30,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
+
+from .cache import kv_bytes
+from .config import MistralConfig
+from .memtrace import fmt_bytes
+from .retention import explain, walk_graph
 
 __all__ = ["DecodeLeakError", "Retained", "LeakReport", "measure_retained", "compare_retained", "check_decode_leak",
            "kv_bytes_per_token", "preserved_autograd_state"]
 
 _KIB = 1024
-_MIB = 1024 * 1024
 
 
 class DecodeLeakError(AssertionError):
@@ -49,126 +52,6 @@ class DecodeLeakError(AssertionError):
     def __init__(self, report: "LeakReport") -> None:
         self.report = report
         super().__init__(report.explanation)
-
-
-def _fmt(nbytes: float) -> str:
-    if abs(nbytes) >= _MIB:
-        return f"{nbytes / _MIB:.2f} MiB"
-    return f"{nbytes / _KIB:.1f} KiB"
-
-
-# ---------------------------------------------------------------------------------------- finding tensors
-def _is_cache_object(obj: object) -> bool:
-    from .cache import KVCache
-
-    if isinstance(obj, KVCache):
-        return True
-    # transformers: DynamicCache, StaticCache ... and their per-layer objects in ``cache_utils``.
-    return any(c.__name__.endswith("Cache") or (c.__name__.endswith("Layer") and "cache" in c.__module__.lower())
-               for c in type(obj).__mro__)
-
-
-def _kept_tensors(obj: object, max_depth: int = 6) -> tuple[list[Tensor], list[Tensor]]:
-    """(cache tensors, other tensors) reachable from ``obj`` through containers and attributes.
-
-    Modules are skipped: their weights exist whether or not a loop runs, so they are not what the loop
-    keeps. A kvlab cache's ``tensors()`` are its K/V; its other tensors (position bookkeeping) count as
-    kept but not as cache. Other caches (transformers') contribute whatever tensors their attributes hold.
-    """
-    from .cache import KVCache
-
-    cache: list[Tensor] = []
-    other: list[Tensor] = []
-    seen: set[int] = set()
-
-    def visit(x: object, depth: int, in_cache: bool) -> None:
-        if id(x) in seen or depth > max_depth:
-            return
-        seen.add(id(x))
-        if isinstance(x, Tensor):
-            (cache if in_cache else other).append(x)
-        elif isinstance(x, (nn.Module, str, bytes, int, float, bool, type, torch.dtype, torch.device)) or x is None:
-            return
-        elif isinstance(x, KVCache):
-            for t in x.tensors():
-                visit(t, depth + 1, True)
-            for v in getattr(x, "__dict__", {}).values():  # bookkeeping (positions ...): kept, but not K/V
-                visit(v, depth + 1, False)
-        elif isinstance(x, dict):
-            for v in x.values():
-                visit(v, depth + 1, in_cache)
-        elif isinstance(x, (list, tuple, set, frozenset)):
-            for v in x:
-                visit(v, depth + 1, in_cache)
-        elif dataclasses.is_dataclass(x) and not isinstance(x, type):
-            for f in dataclasses.fields(x):
-                visit(getattr(x, f.name, None), depth + 1, in_cache)
-        elif callable(x) and not hasattr(x, "__dict__"):
-            return
-        else:
-            attrs = getattr(x, "__dict__", None)
-            if attrs is None and hasattr(type(x), "__slots__"):
-                attrs = {s: getattr(x, s, None) for s in type(x).__slots__ if isinstance(s, str)}
-            if isinstance(attrs, dict):
-                child_in_cache = in_cache or _is_cache_object(x)
-                for v in attrs.values():
-                    visit(v, depth + 1, child_in_cache)
-
-    visit(obj, 0, False)
-    return cache, other
-
-
-def _storage(t: Tensor) -> tuple[tuple[str, int], int] | None:
-    """(key, bytes) of the storage behind ``t``: views of one buffer count once."""
-    if t.device.type == "meta" or t.is_sparse:
-        return None
-    try:
-        s = t.untyped_storage()
-    except (RuntimeError, NotImplementedError):
-        return None
-    return (str(t.device), s.data_ptr()), s.nbytes()
-
-
-# ---------------------------------------------------------------------------------------- the graph walk
-_SAVED_ATTRS: dict[type, tuple[str, ...]] = {}
-
-
-def _saved_attrs(node: Any) -> tuple[str, ...]:
-    kind = type(node)
-    names = _SAVED_ATTRS.get(kind)
-    if names is None:
-        names = tuple(a for a in dir(node) if a.startswith("_saved_"))
-        _SAVED_ATTRS[kind] = names
-    return names
-
-
-def _saved_tensors(node: Any) -> Iterator[Tensor]:
-    """Tensors a graph node keeps for backward (built-in ops' ``_saved_*``, custom Functions' ``saved_tensors``)."""
-    for attr in _saved_attrs(node):
-        try:
-            value = getattr(node, attr)
-        except (RuntimeError, AttributeError):  # already freed by a backward pass
-            continue
-        if isinstance(value, Tensor):
-            yield value
-        elif isinstance(value, (tuple, list)):
-            yield from (v for v in value if isinstance(v, Tensor))
-    if hasattr(node, "saved_tensors") and not _saved_attrs(node):
-        try:
-            yield from (v for v in node.saved_tensors if isinstance(v, Tensor))
-        except (RuntimeError, AttributeError):
-            pass
-
-
-def _chain_length(node: Any) -> int:
-    """How many nodes of ``node``'s own kind follow each other back from it: for a concat cache, the
-    number of decode steps whose graphs are linked together through the cache."""
-    name, length, seen = node.name(), 0, set()
-    while node is not None and id(node) not in seen:
-        seen.add(id(node))
-        length += 1
-        node = next((fn for fn, _ in node.next_functions if fn is not None and fn.name() == name), None)
-    return length
 
 
 @dataclass
@@ -197,97 +80,66 @@ class Retained:
 def measure_retained(kept: object, model: nn.Module | None = None) -> Retained:
     """Bytes that ``kept`` holds alive through its tensors and their autograd graph.
 
-    Saved tensors are deduplicated by storage against each other and against the cache tensors, and
-    the storages of ``model``'s parameters and buffers and of any graph leaf are excluded — weights
-    exist whether or not a loop runs.
+    Measured by :func:`kvlab.retention.walk_graph`: saved tensors are deduplicated by storage against
+    each other and against the kept tensors, and the storages of ``model``'s parameters and buffers and
+    of any graph leaf are excluded — weights exist whether or not a loop runs.
     """
-    cache, other = _kept_tensors(kept)
-    excluded: set[tuple[str, int]] = set()
-    names: dict[int, str] = {}
-    if model is not None:
-        for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-            st = _storage(t)
-            if st is not None:
-                excluded.add(st[0])
-            names.setdefault(id(t), name)
-    counted: dict[tuple[str, int], int] = {}
-
-    def count(t: Tensor) -> int:
-        st = _storage(t)
-        if st is None or st[0] in excluded or st[0] in counted:
-            return 0
-        counted[st[0]] = st[1]
-        return st[1]
-
-    cache_bytes = sum(count(t) for t in cache)
-    other_bytes = sum(count(t) for t in other)
-
-    # Walk the graph once from every kept tensor; collect leaves first so that saved views of
-    # parameters (e.g. a transposed weight saved by a matmul) are excluded before counting.
-    roots = [t.grad_fn for t in (*cache, *other) if t.grad_fn is not None]
-    nodes: list[Any] = []
-    seen: set[int] = set()
-    stack = list(roots)
-    leaves: dict[int, Tensor] = {}
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        nodes.append(node)
-        variable = getattr(node, "variable", None)
-        if isinstance(variable, Tensor):
-            leaves[id(variable)] = variable
-        stack.extend(fn for fn, _ in node.next_functions if fn is not None)
-    for leaf in leaves.values():
-        st = _storage(leaf)
-        if st is not None and st[0] not in counted:
-            excluded.add(st[0])
-    saved_bytes, saved_count = 0, 0
+    walk = walk_graph(kept, model=model)
     by_op: dict[str, int] = defaultdict(int)
-    for node in nodes:
-        for t in _saved_tensors(node):
-            nbytes = count(t)
-            if nbytes:
-                saved_bytes += nbytes
-                saved_count += 1
-                by_op[node.name()] += nbytes
-
-    graph_cache = [t for t in cache if t.grad_fn is not None or t.requires_grad]
-    chained = max((_chain_length(t.grad_fn) for t in graph_cache if t.grad_fn is not None), default=0)
-    order = {name: i for i, name in enumerate(names.values())}  # model order reads best: embed, layer 0 ...
-    params = sorted((names.get(id(v), f"<tensor {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}>")
-                     for v in leaves.values() if v.requires_grad), key=lambda n: (order.get(n, len(order)), n))
-    sizes = {t.element_size() for t in cache}
-    batches = {t.shape[0] for t in cache if t.dim() == 4}
+    for saved in walk.saved:
+        by_op[saved.op] += saved.nbytes
+    order = {name: i for i, name in enumerate(walk.names.values())}  # model order reads best: embed, layer 0 ...
+    params = sorted((walk.names.get(id(v), f"<tensor {tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}>")
+                     for v in walk.leaves if v.requires_grad), key=lambda n: (order.get(n, len(order)), n))
+    sizes = {t.element_size() for t in walk.cache}
+    batches = {t.shape[0] for t in walk.cache if t.dim() == 4}
+    saved_bytes = walk.saved_bytes
     return Retained(
-        total_bytes=cache_bytes + other_bytes + saved_bytes, cache_bytes=cache_bytes, saved_bytes=saved_bytes,
-        other_bytes=other_bytes, graph_nodes=len(nodes), saved_tensors=saved_count, cache_tensors=len(cache),
-        graph_cache_tensors=len(graph_cache), chained_steps=chained, params_requiring_grad=params,
+        total_bytes=walk.cache_bytes + walk.other_bytes + saved_bytes, cache_bytes=walk.cache_bytes,
+        saved_bytes=saved_bytes, other_bytes=walk.other_bytes, graph_nodes=walk.nodes, saved_tensors=len(walk.saved),
+        cache_tensors=len(walk.cache), graph_cache_tensors=len(walk.graph_cache_tensors),
+        chained_steps=walk.cache_chain, params_requiring_grad=params,
         saved_by_op=dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
         cache_element_size=sizes.pop() if len(sizes) == 1 else None,
         cache_batch=batches.pop() if len(batches) == 1 else None)
 
 
 # ---------------------------------------------------------------------------------------- the check
+def _element_size(config: Any) -> int:
+    """Bytes per element of a config's dtype (kvlab's ``dtype``, transformers' ``dtype``/``torch_dtype``);
+    4 when it names none."""
+    dtype = getattr(config, "dtype", None)
+    if not isinstance(dtype, torch.dtype):
+        dtype = getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, torch.float32)
+    return dtype.itemsize if isinstance(dtype, torch.dtype) else 4
+
+
+def _kv_shape(config: Any) -> MistralConfig:
+    """``config`` itself when it is kvlab's; else a kvlab config with the fields that size a KV cache
+    taken from anything that has the same field names (a transformers config)."""
+    if isinstance(config, MistralConfig):
+        return config
+    heads = int(config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return MistralConfig(hidden_size=int(getattr(config, "hidden_size", None) or heads * head_dim),
+                         num_hidden_layers=int(config.num_hidden_layers), num_attention_heads=heads,
+                         num_key_value_heads=int(getattr(config, "num_key_value_heads", None) or heads),
+                         head_dim=head_dim, sliding_window=None, torch_dtype="float32")
+
+
 def kv_bytes_per_token(config: Any, element_size: int | None = None, batch: int = 1) -> int:
     """Analytic KV-cache bytes per token: 2 (K and V) x layers x kv_heads x head_dim x batch x bytes.
 
     ``config`` is a kvlab :class:`~kvlab.config.MistralConfig` or anything with the same field names
-    (a transformers config). ``element_size`` defaults to the config's dtype.
+    (a transformers config). ``element_size`` defaults to the config's dtype. The formula is
+    :func:`kvlab.cache.kv_bytes`'s, for one token.
     """
-    layers = int(config.num_hidden_layers)
-    heads = int(getattr(config, "num_attention_heads"))
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     if element_size is None:
-        dtype = getattr(config, "dtype", None)
-        if not isinstance(dtype, torch.dtype):
-            dtype = getattr(config, "torch_dtype", None)
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype, torch.float32)
-        element_size = dtype.itemsize if isinstance(dtype, torch.dtype) else 4
-    return 2 * layers * kv_heads * int(head_dim) * batch * element_size
+        element_size = _element_size(config)
+    elements = kv_bytes(_kv_shape(config), batch, 1, dtype=torch.uint8)  # at one byte each: the element count
+    return elements * element_size
 
 
 @contextlib.contextmanager
@@ -343,9 +195,9 @@ class LeakReport:
                 "graph_nodes_2n": self.at_2n.graph_nodes, "verdict": self.verdict}
 
     def summary(self) -> str:
-        return (f"{self.verdict}: retained {_fmt(self.at_n.total_bytes)} after {self.steps} steps, "
-                f"{_fmt(self.at_2n.total_bytes)} after {2 * self.steps} (x{self.growth_ratio:.2f}); "
-                f"growth {_fmt(self.growth)} vs KV cache growth {_fmt(self.expected_growth)}")
+        return (f"{self.verdict}: retained {fmt_bytes(self.at_n.total_bytes)} after {self.steps} steps, "
+                f"{fmt_bytes(self.at_2n.total_bytes)} after {2 * self.steps} (x{self.growth_ratio:.2f}); "
+                f"growth {fmt_bytes(self.growth)} vs KV cache growth {fmt_bytes(self.expected_growth)}")
 
 
 def _models_near(run: Callable[..., Any]) -> list[nn.Module]:
@@ -368,38 +220,28 @@ def _models_near(run: Callable[..., Any]) -> list[nn.Module]:
     return list(unique.values())
 
 
-def _retention_summary(kept: object, model: nn.Module | None) -> str | None:
-    """The retention explainer's summary, when :mod:`kvlab.retention` is installed and understands ``kept``."""
+def _retention_summary(kept: object, model: nn.Module | None) -> str:
+    """The retention explainer's summary of ``kept`` (:func:`kvlab.retention.explain`)."""
     try:
-        from . import retention  # optional: the graph explainer
-    except ImportError:
-        return None
-    explain = getattr(retention, "explain", None) or getattr(retention, "explain_retention", None)
-    if explain is None:
-        return None
-    try:
-        params = inspect.signature(explain).parameters
-        result = explain(kept, model=model) if "model" in params and model is not None else explain(kept)
-        summary = result.summary() if hasattr(result, "summary") else str(result)
-        return summary if isinstance(summary, str) else str(summary)
-    except Exception as exc:  # an optional explanation must never hide the leak itself
+        return explain(kept, model=model).summary()
+    except Exception as exc:  # the explanation must never hide the leak itself
         return f"(retention explainer unavailable for this object: {type(exc).__name__}: {exc})"
 
 
 def _explain(report: LeakReport) -> str:
     r = report.at_2n
-    lines = [f"decode leak: what the loop keeps grew by {_fmt(report.growth)} from {report.steps} to "
-             f"{2 * report.steps} steps, while the KV cache accounts for {_fmt(report.expected_growth)} "
-             f"(retained {_fmt(report.at_n.total_bytes)} -> {_fmt(r.total_bytes)}, x{report.growth_ratio:.2f})."]
+    lines = [f"decode leak: what the loop keeps grew by {fmt_bytes(report.growth)} from {report.steps} to "
+             f"{2 * report.steps} steps, while the KV cache accounts for {fmt_bytes(report.expected_growth)} "
+             f"(retained {fmt_bytes(report.at_n.total_bytes)} -> {fmt_bytes(r.total_bytes)}, x{report.growth_ratio:.2f})."]
     lines += [f"  - {reason}" for reason in report.reasons]
     if r.params_requiring_grad:
         shown = ", ".join(r.params_requiring_grad[:6])
         more = f" (+{len(r.params_requiring_grad) - 6} more)" if len(r.params_requiring_grad) > 6 else ""
         lines.append(f"  - the graph reaches {len(r.params_requiring_grad)} parameters that require grad: {shown}{more}")
     if r.saved_tensors:
-        ops = ", ".join(f"{op} {_fmt(b)}" for op, b in list(r.saved_by_op.items())[:5])
+        ops = ", ".join(f"{op} {fmt_bytes(b)}" for op, b in list(r.saved_by_op.items())[:5])
         lines.append(f"  - {r.saved_tensors} tensors saved for backward over {r.graph_nodes} graph nodes hold "
-                     f"{_fmt(r.saved_bytes)}; largest by op: {ops}")
+                     f"{fmt_bytes(r.saved_bytes)}; largest by op: {ops}")
     if r.has_graph:
         lines.append("  - allocation-site tools would point at repeat_kv and cat, where these tensors were made; "
                      "the cause is that a graph is recorded and kept at all.")
@@ -431,8 +273,8 @@ def compare_retained(at_n: Retained, at_2n: Retained, steps: int, *, config: Any
     excess = (at_2n.total_bytes - at_n.total_bytes) - expected
     allowed = rtol * (analytic if analytic is not None else expected) + atol_bytes
     if excess > allowed:
-        reasons.append(f"retained memory grew {_fmt(excess)} more than the KV cache's "
-                       f"{'analytic ' if analytic is not None else 'measured '}growth (allowed: {_fmt(allowed)})")
+        reasons.append(f"retained memory grew {fmt_bytes(excess)} more than the KV cache's "
+                       f"{'analytic ' if analytic is not None else 'measured '}growth (allowed: {fmt_bytes(allowed)})")
     report = LeakReport(steps, at_n, at_2n, per_token, expected, rtol, atol_bytes, reasons)
     report.explanation = _explain(report) if report.leak else report.summary()
     if at_2n.cache_tensors == 0:
@@ -456,7 +298,7 @@ def check_decode_leak(run: Callable[[int], object], steps: int = 16, *, model: n
     - retained growth exceeds the cache's by more than ``rtol`` x expected growth + ``atol_bytes``.
 
     On a leak, raises :class:`DecodeLeakError` whose message explains what keeps the memory (with the
-    retention explainer's summary when available), or returns the report if ``raise_on_leak=False``.
+    retention explainer's summary), or returns the report if ``raise_on_leak=False``.
     Grad mode is restored afterwards even if ``run`` raises.
     """
     if not callable(run):
@@ -479,9 +321,7 @@ def check_decode_leak(run: Callable[[int], object], steps: int = 16, *, model: n
             report = compare_retained(at_n, at_2n, steps, config=config, kv_per_token=kv_per_token,
                                       rtol=rtol, atol_bytes=atol_bytes)
             if report.leak:
-                summary = _retention_summary(kept, named)
-                if summary:
-                    report.explanation += "\n\nretention explainer:\n" + summary
+                report.explanation += "\n\nretention explainer:\n" + _retention_summary(kept, named)
         finally:
             del kept
             gc.collect()

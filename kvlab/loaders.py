@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .checkpoint import check_tied_copy, inspect_checkpoint, read_shard
-from .config import MistralConfig
+from .checkpoint import check_tied_copy, inspect_checkpoint, random_state_dict, read_shard
+from .config import MistralConfig, preset
 from .model import MistralForCausalLM, Rotary
 from .quant import quantize_linears
 
@@ -67,6 +67,16 @@ def build_model(config: MistralConfig, tensors: dict[str, Tensor], trainable: bo
     return model.eval()
 
 
+def model_for_loader(config: MistralConfig, tensors: dict[str, Tensor], loader: str) -> MistralForCausalLM:
+    """The model ``loader`` returns, assembled around already-read tensors (their storage, no copy):
+    trainable parameters for ``trainable`` and ``threaded``, frozen ones for ``inference``, and for
+    ``int8`` frozen weights whose linears are then replaced by int8 copies."""
+    if loader not in LOADERS:
+        raise ValueError(f"unknown loader {loader!r}; choose from {LOADERS}")
+    model = build_model(config, tensors, trainable=loader in ("trainable", "threaded"))
+    return quantize_linears(model) if loader == "int8" else model
+
+
 def load_model(directory: str | Path, loader: str = "inference", device: torch.device | str = "cpu",
                dtype: torch.dtype | None = None) -> MistralForCausalLM:
     """Load an HF-layout checkpoint directory (``config.json`` + safetensors) with the named loader.
@@ -80,10 +90,7 @@ def load_model(directory: str | Path, loader: str = "inference", device: torch.d
     if dtype is not None and dtype != config.dtype:
         tensors = {name: t.to(dtype) for name, t in tensors.items()}
         config = config.replace(torch_dtype=str(dtype).removeprefix("torch."))
-    model = build_model(config, tensors, trainable=loader in ("trainable", "threaded"))
-    if loader == "int8":
-        quantize_linears(model)
-    return model
+    return model_for_loader(config, tensors, loader)
 
 
 def random_model(config: MistralConfig | str = "tiny", loader: str = "inference", seed: int = 0,
@@ -91,14 +98,11 @@ def random_model(config: MistralConfig | str = "tiny", loader: str = "inference"
     """A model with seeded random weights, set up as ``loader`` would return it, without touching disk.
 
     Tests and quick experiments use this; the notebooks go through a real checkpoint and
-    :func:`load_model`, which gives the same weights for the same seed.
+    :func:`load_model`, which gives the same weights for the same seed (drawn on the CPU, then moved
+    to ``device``).
     """
-    from .checkpoint import random_state_dict
-    from .config import preset
-
     if loader not in LOADERS:
         raise ValueError(f"unknown loader {loader!r}; choose from {LOADERS}")
     config = preset(config) if isinstance(config, str) else config
     tensors = {name: t.to(device) for name, t in random_state_dict(config, seed).items()}
-    model = build_model(config, tensors, trainable=loader in ("trainable", "threaded"))
-    return quantize_linears(model) if loader == "int8" else model
+    return model_for_loader(config, tensors, loader)

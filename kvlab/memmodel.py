@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .cache import kv_bytes
 from .config import MistralConfig
 
 __all__ = [
@@ -87,20 +88,11 @@ def weight_bytes(config: MistralConfig, dtype: torch.dtype | str | None = None, 
 def kv_cache_bytes(config: MistralConfig, tokens: int, batch: int = 1, dtype: torch.dtype | str | None = None,
                    kind: str = "concat", **options: object) -> int:
     """K and V for every layer: ``2 * layers * kv_heads * head_dim * tokens * batch * bytes`` for the
-    concat cache. Other cache designs (``kind``: static, sliding, int8, paged ...) are sized by
-    :func:`kvlab.cache.kv_bytes`, which this defers to when it exists."""
+    concat cache; other cache designs (``kind``: static, sliding, int8, paged ...) as sized by
+    :func:`kvlab.cache.kv_bytes`, which this calls (``dtype`` may also be a name, e.g. ``"bfloat16"``)."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    try:
-        from .cache import kv_bytes
-    except ImportError:
-        kv_bytes = None
-    if kv_bytes is not None:
-        return int(kv_bytes(config, batch, tokens, dtype, kind, **options))
-    if kind != "concat":
-        raise ValueError(f"kv_cache_bytes(kind={kind!r}) needs kvlab.cache.kv_bytes")
-    e = dtype_bytes(dtype, config)
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * tokens * batch * e
+    return int(kv_bytes(config, batch, tokens, dtype, kind, **options))
 
 
 # --------------------------------------------------------------------------------------------- leak

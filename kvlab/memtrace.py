@@ -47,10 +47,16 @@ from .sites import current_site
 
 __all__ = [
     "MemoryTracer", "TracerError", "trace_memory", "caller_site", "chain_callbacks",
-    "cuda_memory_snapshot", "rss_vs_exact", "save_results", "MiB",
+    "cuda_memory_snapshot", "rss_vs_exact", "save_results", "MiB", "fmt_bytes",
 ]
 
 MiB = 1 << 20
+
+
+def fmt_bytes(nbytes: float) -> str:
+    """``"1.50 MiB"`` from one MiB up (either sign), else ``"12.0 KiB"``."""
+    return f"{nbytes / MiB:.2f} MiB" if abs(nbytes) >= MiB else f"{nbytes / 1024:.1f} KiB"
+
 UNLABELLED = "<unlabelled>"
 _CUDA_BLOCK = 512  # the CUDA caching allocator rounds every block up to this many bytes
 

@@ -11,11 +11,32 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric absmax quantization along the last axis: ``w ≈ q * scale[..., None]``."""
-    scale = w.detach().abs().amax(dim=-1).float().clamp(min=1e-12) / 127.0
-    q = torch.round(w.detach().float() / scale[..., None]).clamp(-127, 127).to(torch.int8)
-    return q, scale
+def quantize_int8(x: Tensor, *, keepdim: bool = False, differentiable: bool = False) -> tuple[Tensor, Tensor]:
+    """Symmetric absmax int8 quantization along the last axis: ``x ≈ q * scale``.
+
+    Returns ``q`` (int8, the shape of ``x``) and one float32 ``scale`` per row of the last axis: shape
+    ``x.shape[:-1]``, or ``x.shape[:-1] + (1,)`` with ``keepdim``. An all-zero row gets scale 1.
+
+    The two users differ in one respect, chosen here explicitly:
+
+    - weights (:class:`Int8Linear`, one scale per output channel): ``differentiable=False`` quantizes
+      ``x.detach()``, so the int8 copy has no tie to the float parameter;
+    - the KV cache (:class:`kvlab.cache.Int8Cache`, one scale per token and KV head, ``keepdim=True``):
+      ``differentiable=True`` keeps the scale on the autograd graph, so under trainable weights the
+      cache's scales carry every step's graph like any other cache (the int8 data cannot).
+    """
+    if not differentiable:
+        x = x.detach()
+    scale = x.float().abs().amax(dim=-1, keepdim=True) / 127.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero row: any scale works
+    q = torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8)
+    return q, scale if keepdim else scale.squeeze(-1)
+
+
+def dequantize_int8(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``q * scale`` in ``dtype``; ``scale`` as :func:`quantize_int8` returned it with ``keepdim=True``
+    (broadcast over the last axis)."""
+    return (q.float() * scale).to(dtype)
 
 
 class Int8Linear(nn.Module):

@@ -8,7 +8,8 @@ requires grad, every op records a backward node that holds on to the tensors it 
 ``next_functions`` from whatever the loop keeps (the cache, the last logits, any object holding
 tensors), unpacks each node's ``_saved_*`` tensors, de-duplicates them by storage, and names the cause:
 which parameters require grad, how many decode steps the graph chains together, and how many bytes
-of saved tensors that pins, by op and by site.
+of saved tensors that pins, by op and by site. The walk itself is :func:`walk_graph`, kvlab's only one:
+:func:`kvlab.leakguard.measure_retained` counts bytes through it too.
 
 :class:`SavedTensorTags` (optional, used around generation) tags every tensor autograd saves with the
 site and decode step it was saved in, and records which site created each graph node, so the report
@@ -27,10 +28,12 @@ import torch
 from torch import Tensor, nn
 
 from . import memtrace
+from .cache import KVCache
 from .memtrace import MiB, TracerError, caller_site
 from .sites import add_listener, current_site, remove_listener, site_path
 
-__all__ = ["explain", "RetentionReport", "SavedTensorTags", "tag_saved_tensors", "collect_tensors"]
+__all__ = ["explain", "RetentionReport", "SavedTensorTags", "tag_saved_tensors", "collect_tensors",
+           "walk_graph", "GraphWalk", "SavedStorage"]
 
 memtrace.TOOL_FILES.add(__file__)
 
@@ -152,46 +155,251 @@ def tag_saved_tensors() -> Iterator[SavedTensorTags]:
 
 
 # --------------------------------------------------------------------------------------------- roots
-def collect_tensors(*objects: Any, max_depth: int = 5) -> list[Tensor]:
-    """Every tensor reachable from ``objects``: tensors, containers, dataclasses (kvlab's ``Generation``),
-    kvlab caches (``.tensors()``) and plain objects' attributes (transformers' ``DynamicCache``).
-    Modules are not searched: their parameters are what the report names, not what the loop keeps."""
-    found: dict[int, Tensor] = {}
+def _is_cache_object(obj: object) -> bool:
+    """A KV cache: kvlab's, or transformers' (``DynamicCache``, ``StaticCache`` ... and their per-layer
+    objects in ``cache_utils``)."""
+    if isinstance(obj, KVCache):
+        return True
+    return any(c.__name__.endswith("Cache") or (c.__name__.endswith("Layer") and "cache" in c.__module__.lower())
+               for c in type(obj).__mro__)
+
+
+_NOT_SEARCHED = (str, bytes, int, float, bool, nn.Module, torch.dtype, torch.device, torch.Generator, type)
+
+
+def _reachable(objects: Iterable[Any], max_depth: int) -> list[tuple[Tensor, bool]]:
+    """Every tensor reachable from ``objects``, in discovery order, with whether it is KV-cache content.
+
+    Cache content: a kvlab cache's ``tensors()`` (its K/V; its other attributes, such as positions, are
+    bookkeeping), and whatever a transformers cache object's attributes hold.
+    """
+    found: dict[int, tuple[Tensor, bool]] = {}
     seen: set[int] = set()
 
-    def visit(obj: Any, depth: int) -> None:
+    def visit(obj: Any, depth: int, in_cache: bool) -> None:
         if isinstance(obj, Tensor):
-            found.setdefault(id(obj), obj)
+            found.setdefault(id(obj), (obj, in_cache))
             return
-        if obj is None or isinstance(obj, (str, bytes, int, float, bool, nn.Module, torch.dtype,
-                                           torch.device, torch.Generator, type)) or depth > max_depth:
-            return
-        if id(obj) in seen:
+        if obj is None or isinstance(obj, _NOT_SEARCHED) or depth > max_depth or id(obj) in seen:
             return
         seen.add(id(obj))
+        kv = isinstance(obj, KVCache)
         tensors = getattr(obj, "tensors", None)
         if callable(tensors) and not isinstance(obj, (dict, list, tuple)):
             try:
                 for t in tensors():
-                    visit(t, depth + 1)
+                    visit(t, depth + 1, kv or in_cache or _is_cache_object(obj))
             except TypeError:
                 pass
+        child = in_cache
         if isinstance(obj, dict):
             items: Iterable[Any] = obj.values()
         elif isinstance(obj, (list, tuple, set, frozenset)):
             items = obj
         elif is_dataclass(obj):
             items = [getattr(obj, f.name, None) for f in fields(obj)]
-        elif hasattr(obj, "__dict__"):
-            items = list(vars(obj).values())
         else:
-            return
+            attrs = getattr(obj, "__dict__", None)
+            if attrs is None and not callable(obj) and hasattr(type(obj), "__slots__"):
+                attrs = {name: getattr(obj, name, None) for name in type(obj).__slots__ if isinstance(name, str)}
+            if not isinstance(attrs, dict):
+                return
+            items = list(attrs.values())
+            child = False if kv else in_cache or _is_cache_object(obj)
         for item in items:
-            visit(item, depth + 1)
+            visit(item, depth + 1, child)
 
     for obj in objects:
-        visit(obj, 0)
+        visit(obj, 0, False)
     return list(found.values())
+
+
+def collect_tensors(*objects: Any, max_depth: int = 5) -> list[Tensor]:
+    """Every tensor reachable from ``objects``: tensors, containers, dataclasses (kvlab's ``Generation``),
+    kvlab caches (``.tensors()``) and plain objects' attributes (transformers' ``DynamicCache``).
+    Modules are not searched: their parameters are what the report names, not what the loop keeps."""
+    return [t for t, _ in _reachable(objects, max_depth)]
+
+
+def _storage(t: Tensor) -> tuple[tuple[str, int], int] | None:
+    """(key, bytes) of the storage behind ``t`` -- views of one buffer count once; ``None`` for tensors
+    without data (meta, sparse, empty)."""
+    if t.device.type == "meta" or t.is_sparse:
+        return None
+    try:
+        st = t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+    ptr = st.data_ptr()
+    return ((str(t.device), ptr), st.nbytes()) if ptr else None
+
+
+def _saved_attrs(cls: type, node: Any, cache: dict[type, tuple[str, ...]]) -> tuple[str, ...]:
+    attrs = cache.get(cls)
+    if attrs is None:
+        attrs = tuple(a for a in dir(node) if a.startswith("_saved_"))
+        if hasattr(node, "saved_tensors") and "saved_tensors" not in attrs:  # custom autograd.Function
+            attrs = attrs + ("saved_tensors",)
+        cache[cls] = attrs
+    return attrs
+
+
+def _chain_length(node: Any, memo: dict[Any, int]) -> int:
+    """Longest run of nodes of ``node``'s own kind linked back from it through ``next_functions``: for a
+    cache updated by ``cat`` (or written in place), one link per decode step chained to the next.
+    Iterative, to survive thousands of steps without recursion limits."""
+    kind = type(node).__name__
+    todo = [node]
+    while todo:
+        n = todo[-1]
+        if n in memo:
+            todo.pop()
+            continue
+        prev = [m for m, _ in n.next_functions if m is not None and type(m).__name__ == kind]
+        missing = [m for m in prev if m not in memo]
+        if missing:
+            todo.extend(missing)
+            continue
+        memo[n] = 1 + max((memo[m] for m in prev), default=0)
+        todo.pop()
+    return memo[node]
+
+
+@dataclass
+class SavedStorage:
+    """One storage a graph node keeps for backward (found first in ``op``'s ``attr``)."""
+
+    ptr: int
+    nbytes: int
+    op: str
+    attr: str
+    tensor: Tensor  # the saved tensor's base (the view's storage owner)
+
+
+@dataclass
+class GraphWalk:
+    """What the tensors reachable from some objects keep alive, found by one walk of their autograd graph.
+
+    Storages are counted once: ``cache_bytes`` (KV-cache content), then ``other_bytes`` (every other
+    reachable tensor), then ``saved`` (what the graph's nodes saved for backward, in walk order). The
+    model's parameters and buffers, and any leaf of the graph, are never counted: weights exist whether
+    or not a loop runs.
+    """
+
+    cache: list[Tensor]  # KV-cache tensors among the roots
+    other: list[Tensor]  # the other root tensors (logits, tokens, position bookkeeping ...)
+    cache_bytes: int
+    other_bytes: int
+    nodes: int
+    node_counts: dict[str, int]
+    saved: list[SavedStorage]
+    leaves: list[Tensor]  # tensors of the graph's AccumulateGrad nodes (parameters requiring grad ...)
+    names: dict[int, str]  # the model's parameter and buffer names, by tensor id, in model order
+    parameters_requiring_grad: list[str]  # of the model, each parameter once
+    parameters_total: int
+    cat_chain: int  # longest run of consecutive CatBackward nodes anywhere in the graph
+    cache_chain: int  # longest run of one op kind back from a cache tensor's grad_fn
+
+    @property
+    def saved_bytes(self) -> int:
+        return sum(s.nbytes for s in self.saved)
+
+    @property
+    def graph_cache_tensors(self) -> list[Tensor]:
+        """Cache tensors that carry a graph (a grad_fn, or require grad themselves)."""
+        return [t for t in self.cache if t.grad_fn is not None or t.requires_grad]
+
+
+def walk_graph(*objects: Any, model: nn.Module | None = None, max_depth: int = 5) -> GraphWalk:
+    """Walk the autograd graph behind every tensor reachable from ``objects`` (see :func:`collect_tensors`).
+
+    ``model`` names parameters and excludes its parameters' and buffers' storage from every count.
+    The one graph walk of kvlab: :func:`explain` and :func:`kvlab.leakguard.measure_retained` read it.
+    """
+    reachable = _reachable(objects, max_depth)
+    names: dict[int, str] = {}
+    weights: set[tuple[str, int]] = set()
+    params_rg: list[str] = []
+    params_total = 0
+    if model is not None:
+        for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+            names.setdefault(id(t), name)
+            info = _storage(t)
+            if info:
+                weights.add(info[0])
+        for name, p in model.named_parameters():
+            params_total += 1
+            if p.requires_grad:
+                params_rg.append(name)
+
+    counted: set[tuple[str, int]] = set()
+
+    def count(tensors: Iterable[Tensor]) -> int:
+        total = 0
+        for t in tensors:
+            info = _storage(t)
+            if info and info[0] not in weights and info[0] not in counted:
+                counted.add(info[0])
+                total += info[1]
+        return total
+
+    cache = [t for t, in_cache in reachable if in_cache]
+    other = [t for t, in_cache in reachable if not in_cache]
+    cache_bytes, other_bytes = count(cache), count(other)
+    roots = {info[0] for t, _ in reachable if (info := _storage(t))}
+
+    attr_cache: dict[type, tuple[str, ...]] = {}
+    visited: set[Any] = set()
+    stack = [t.grad_fn for t, _ in reachable if t.grad_fn is not None]
+    node_counts: dict[str, int] = {}
+    saved: dict[tuple[str, int], SavedStorage] = {}
+    leaves: dict[int, Tensor] = {}
+    leaf_storages: set[tuple[str, int]] = set()
+    cat_nodes: list[Any] = []
+    while stack:
+        node = stack.pop()
+        if node in visited:
+            continue
+        visited.add(node)
+        cls = type(node)
+        op = cls.__name__
+        node_counts[op] = node_counts.get(op, 0) + 1
+        if op == "AccumulateGrad":
+            var = getattr(node, "variable", None)
+            if isinstance(var, Tensor):
+                leaves[id(var)] = var
+                info = _storage(var)
+                if info:
+                    leaf_storages.add(info[0])
+        elif op.startswith("CatBackward"):
+            cat_nodes.append(node)
+        for attr in _saved_attrs(cls, node, attr_cache):
+            try:
+                value = getattr(node, attr)
+            except (RuntimeError, AttributeError):
+                continue  # freed by a backward pass, or not a tensor attribute
+            for t in (value if isinstance(value, (tuple, list)) else (value,)):
+                if not isinstance(t, Tensor):
+                    continue
+                info = _storage(t)
+                if info is None or info[0] in saved:
+                    continue
+                saved[info[0]] = SavedStorage(info[0][1], info[1], op, attr.removeprefix("_saved_"),
+                                              t._base if t._base is not None else t)
+        for nxt, _ in node.next_functions:
+            if nxt is not None and nxt not in visited:
+                stack.append(nxt)
+
+    # Parameters', buffers', leaves' and the roots' own storage are not "saved": weights exist anyway,
+    # and the roots are counted above.
+    kept = [s for key, s in saved.items() if key not in weights and key not in leaf_storages and key not in roots]
+    memo: dict[Any, int] = {}
+    cat_chain = max((_chain_length(n, memo) for n in cat_nodes), default=0)
+    cache_chain = max((_chain_length(t.grad_fn, memo) for t in cache if t.grad_fn is not None), default=0)
+    return GraphWalk(cache=cache, other=other, cache_bytes=cache_bytes, other_bytes=other_bytes, nodes=len(visited),
+                     node_counts=node_counts, saved=kept, leaves=list(leaves.values()), names=names,
+                     parameters_requiring_grad=params_rg, parameters_total=params_total, cat_chain=cat_chain,
+                     cache_chain=cache_chain)
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -289,16 +497,6 @@ class RetentionReport:
         return self.summary()
 
 
-def _saved_attrs(cls: type, node: Any, cache: dict[type, tuple[str, ...]]) -> tuple[str, ...]:
-    attrs = cache.get(cls)
-    if attrs is None:
-        attrs = tuple(a for a in dir(node) if a.startswith("_saved_"))
-        if hasattr(node, "saved_tensors") and "saved_tensors" not in attrs:  # custom autograd.Function
-            attrs = attrs + ("saved_tensors",)
-        cache[cls] = attrs
-    return attrs
-
-
 # Backward nodes of ops whose output shares its input's storage: a saved tensor's storage was made by
 # the first node below these (e.g. repeat_kv's clone under the attention matmul's view and expand).
 _VIEW_NODES = frozenset(
@@ -318,14 +516,6 @@ def _producer(node: Any) -> Any:
     return node
 
 
-def _storage(t: Tensor) -> tuple[int, int] | None:
-    try:
-        st = t.untyped_storage()
-    except (RuntimeError, NotImplementedError):
-        return None
-    return st.data_ptr(), st.nbytes()
-
-
 def explain(*roots: Any, model: nn.Module | None = None, tags: SavedTensorTags | None = None,
             tracer: "memtrace.MemoryTracer | None" = None) -> RetentionReport:
     """Explain what the autograd graph reachable from ``roots`` keeps alive.
@@ -337,108 +527,17 @@ def explain(*roots: Any, model: nn.Module | None = None, tags: SavedTensorTags |
     during generation. Either gives each saved storage a site (the tracer: where it was allocated);
     without them sites are ``None`` and the walk still counts nodes, steps and bytes by op.
     """
-    root_tensors = collect_tensors(*roots)
-    param_names: dict[int, str] = {}
-    param_ptrs: set[int] = set()
-    params_rg: list[str] = []
-    params_total = 0
-    if model is not None:
-        for name, p in model.named_parameters(remove_duplicate=False):
-            param_names.setdefault(id(p), name)
-            info = _storage(p)
-            if info:
-                param_ptrs.add(info[0])
-        seen_params: set[int] = set()
-        for name, p in model.named_parameters():
-            params_total += 1
-            if p.requires_grad and id(p) not in seen_params:
-                params_rg.append(name)
-                seen_params.add(id(p))
-    root_ptrs: dict[int, int] = {}
-    for t in root_tensors:
-        info = _storage(t)
-        if info and info[0]:
-            root_ptrs[info[0]] = info[1]
-
+    walk = walk_graph(*roots, model=model)
     site_of = tracer.site_of() if tracer is not None else {}
-    attr_cache: dict[type, tuple[str, ...]] = {}
-    visited: set[Any] = set()
-    stack = [t.grad_fn for t in root_tensors if t.grad_fn is not None]
-    node_counts: dict[str, int] = {}
-    saved: dict[int, dict[str, Any]] = {}
-    leaves: dict[int, Tensor] = {}
-    cat_depth: dict[Any, int] = {}
-    cat_nodes: list[Any] = []
-    while stack:
-        node = stack.pop()
-        if node in visited:
-            continue
-        visited.add(node)
-        cls = type(node)
-        op = cls.__name__
-        node_counts[op] = node_counts.get(op, 0) + 1
-        if op == "AccumulateGrad":
-            var = getattr(node, "variable", None)
-            if isinstance(var, Tensor):
-                leaves[id(var)] = var
-                info = _storage(var)
-                if info:
-                    param_ptrs.add(info[0])
-        elif op.startswith("CatBackward"):
-            cat_nodes.append(node)
-        for attr in _saved_attrs(cls, node, attr_cache):
-            try:
-                value = getattr(node, attr)
-            except (RuntimeError, AttributeError):
-                continue  # freed by a backward pass, or not a tensor attribute
-            for t in (value if isinstance(value, (tuple, list)) else (value,)):
-                if not isinstance(t, Tensor):
-                    continue
-                info = _storage(t)
-                if info is None or not info[0] or info[0] in saved:
-                    continue
-                ptr, nbytes = info
-                base = t._base if t._base is not None else t
-                saved[ptr] = dict(ptr=ptr, bytes=nbytes, op=op, attr=attr.removeprefix("_saved_"),
-                                  shape=tuple(base.shape), dtype=str(base.dtype).removeprefix("torch."),
-                                  device=str(base.device), producer=_producer(base.grad_fn))
-        for nxt, _ in node.next_functions:
-            if nxt is not None and nxt not in visited:
-                stack.append(nxt)
-
-    # Longest chain of CatBackward nodes linked through their inputs: one link per cache update.
-    cat_set = set(cat_nodes)
-
-    def depth(node: Any) -> int:
-        # iterative to survive thousands of steps without recursion limits
-        todo = [node]
-        while todo:
-            n = todo[-1]
-            if n in cat_depth:
-                todo.pop()
-                continue
-            prev = [m for m, _ in n.next_functions if m in cat_set]
-            missing = [m for m in prev if m not in cat_depth]
-            if missing:
-                todo.extend(missing)
-                continue
-            cat_depth[n] = 1 + max((cat_depth[m] for m in prev), default=0)
-            todo.pop()
-        return cat_depth[node]
-
-    cat_chain = max((depth(n) for n in cat_nodes), default=0)
-
-    # Exclude parameters' own storage (and the roots', which the loop holds anyway) from "saved".
     rows = []
     site_source = "tracer" if tracer is not None else ("tags" if tags is not None else "none")
-    for ptr, row in saved.items():
-        if ptr in param_ptrs or ptr in root_ptrs:
-            continue
-        producer = row.pop("producer")
+    for saved in walk.saved:
+        ptr, base = saved.ptr, saved.tensor
         site = step = None
         if tracer is not None and ptr in site_of:
             site, step = site_of[ptr]
         elif tags is not None:
+            producer = _producer(base.grad_fn)
             if producer is not None:
                 site, step = tags.node_origin(producer)
             if site is None and ptr in tags.saved:
@@ -446,15 +545,17 @@ def explain(*roots: Any, model: nn.Module | None = None, tags: SavedTensorTags |
                 step = step if step is not None else step_saved
             elif step is None and ptr in tags.saved:
                 step = tags.saved[ptr][1]
-        row.update(site=site if site is not None else "<untagged>", step=step)
-        rows.append(row)
+        rows.append(dict(ptr=ptr, bytes=saved.nbytes, op=saved.op, attr=saved.attr,
+                         site=site if site is not None else "<untagged>", step=step, shape=tuple(base.shape),
+                         dtype=str(base.dtype).removeprefix("torch."), device=str(base.device)))
     saved_df = pd.DataFrame(rows, columns=["ptr", "bytes", "op", "attr", "site", "step", "shape", "dtype", "device"])
     saved_df["step"] = saved_df["step"].astype("Int64")  # unknown for untagged tensors
-    leaf_rows = [dict(name=param_names.get(id(t), f"<tensor {tuple(t.shape)}>"), shape=tuple(t.shape), numel=t.numel())
-                 for t in leaves.values() if t.requires_grad]
+    leaf_rows = [dict(name=walk.names.get(id(t), f"<tensor {tuple(t.shape)}>"), shape=tuple(t.shape), numel=t.numel())
+                 for t in walk.leaves if t.requires_grad]
     leaves_df = pd.DataFrame(leaf_rows, columns=["name", "shape", "numel"])
     tagged_steps = int(saved_df["step"].nunique()) if site_source != "none" and len(saved_df) else None
-    return RetentionReport(saved=saved_df, graph_nodes=len(visited), node_counts=node_counts, leaves=leaves_df,
-                           parameters_requiring_grad=params_rg, parameters_total=params_total,
-                           cat_chain=cat_chain, tagged_steps=tagged_steps, root_bytes=sum(root_ptrs.values()),
-                           roots=len(root_tensors), site_source=site_source)
+    return RetentionReport(saved=saved_df, graph_nodes=walk.nodes, node_counts=walk.node_counts, leaves=leaves_df,
+                           parameters_requiring_grad=walk.parameters_requiring_grad,
+                           parameters_total=walk.parameters_total, cat_chain=walk.cat_chain,
+                           tagged_steps=tagged_steps, root_bytes=walk.cache_bytes + walk.other_bytes,
+                           roots=len(walk.cache) + len(walk.other), site_source=site_source)

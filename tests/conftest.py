@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -16,3 +19,42 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """For tests that run kvlab's commands: checkpoints go to a temporary data folder, and torch runs on
+    one thread, restored after each test (a command may set its own ``--threads``)."""
+    monkeypatch.setenv("KVLAB_DATA", str(tmp_path_factory.getbasetemp() / "kvlab-data"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def copy_checkpoint() -> Callable[[Path, Path], Path]:
+    """``copy_checkpoint(source, target)``: a byte copy of a checkpoint directory, to break without
+    touching the shared one; returns ``target``."""
+    def copy(source: Path, target: Path) -> Path:
+        target.mkdir()
+        for f in source.iterdir():
+            (target / f.name).write_bytes(f.read_bytes())
+        return target
+
+    return copy
+
+
+@pytest.fixture(scope="session")
+def hf_mistral() -> Callable[..., torch.nn.Module]:
+    """``hf_mistral(**sizes)``: a small transformers ``MistralForCausalLM`` with seeded weights, eager
+    attention and full (no sliding window) attention, in eval mode -- which does not turn autograd off.
+    Skips the test where transformers is not installed."""
+    transformers = pytest.importorskip("transformers")
+
+    def make(**sizes: object) -> torch.nn.Module:
+        config = transformers.MistralConfig(**{"sliding_window": None, "attn_implementation": "eager", **sizes})
+        torch.manual_seed(0)
+        return transformers.MistralForCausalLM(config).eval()
+
+    return make

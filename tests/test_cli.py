@@ -6,7 +6,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -19,14 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SUBCOMMANDS = ["build-checkpoint", "validate", "reproduce", "report", "demo"]
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Checkpoints go to a temporary data folder; torch runs on one thread (tiny model, busy cores)."""
-    monkeypatch.setenv("KVLAB_DATA", str(tmp_path_factory.getbasetemp() / "kvlab-data"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("isolated")  # conftest: temporary data folder, one thread
 
 
 def exit_code(argv: list[str]) -> int:

@@ -6,11 +6,13 @@ import pandas as pd
 import pytest
 import torch
 
-from kvlab.config import preset
-from kvlab.experiments import build, main, random_weights
-from kvlab.fastpath import FastDecoder, StaticKVCache
-from kvlab.generate import generate
 from kvlab.cache import ConcatCache
+from kvlab.checkpoint import random_state_dict
+from kvlab.config import preset
+from kvlab.experiments import main
+from kvlab.fastpath import FastDecoder, fast_cache
+from kvlab.generate import generate
+from kvlab.loaders import random_model
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -84,18 +86,19 @@ def test_summary_matches_the_analytic_leak_model(cpu_run, tmp_path) -> None:
 
 def test_random_weights_scale() -> None:
     config = preset("tiny")
-    state = random_weights(config, "cpu", torch.float32, seed=3)
+    state = random_state_dict(config, 3, device="cpu", dtype=torch.float32)
     q = state["model.layers.0.self_attn.q_proj.weight"]
     assert abs(q.std().item() - config.hidden_size ** -0.5) < 0.1 * config.hidden_size ** -0.5
     assert torch.equal(state["model.norm.weight"], torch.ones(config.hidden_size))
-    assert torch.equal(q, random_weights(config, "cpu", torch.float32, seed=3)["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(q, random_state_dict(config, 3, device="cpu", dtype=torch.float32)[
+        "model.layers.0.self_attn.q_proj.weight"])
 
 
 @pytest.mark.parametrize("grouped", [True, False])
 def test_fast_path_traces_as_one_graph_and_matches_eager(grouped: bool) -> None:
     """fullgraph=True fails on any graph break, so this also checks that kvlab.sites regions trace."""
     config = preset("tiny")
-    model = build(config, random_weights(config, "cpu", torch.float32), "inference")
+    model = random_model(config, "inference")
     prompt = torch.tensor([[5, 6, 7]])
     expected = generate(model, prompt, 20, cache=ConcatCache(config.num_hidden_layers)).tokens
     torch._dynamo.reset()
@@ -106,9 +109,9 @@ def test_fast_path_traces_as_one_graph_and_matches_eager(grouped: bool) -> None:
 
 def test_static_cache_is_a_drop_in_for_generate() -> None:
     config = preset("tiny")
-    model = build(config, random_weights(config, "cpu", torch.float32), "inference")
+    model = random_model(config, "inference")
     prompt = torch.tensor([[1, 2, 3, 4]])
-    cache = StaticKVCache(config, 1, 40, grouped=True)
+    cache = fast_cache(config, 1, 40, grouped=True)
     tokens = generate(model, prompt, 30, cache=cache).tokens
     assert torch.equal(tokens, generate(model, prompt, 30, cache=ConcatCache(config.num_hidden_layers)).tokens)
     assert cache.seq_len == 4 + 29 and cache.nbytes == 2 * 4 * 2 * 40 * 32 * 4

@@ -23,8 +23,6 @@ STEPS = 8
 PROMPT = torch.tensor([[1]])
 
 
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_checkpoint("tiny", root=tmp_path_factory.mktemp("ckpt"))
@@ -94,13 +92,11 @@ def test_retained_bytes_agree_with_the_exact_tracer() -> None:
     assert abs(retained.total_bytes - live) <= 0.001 * live + 1024
 
 
-def test_transformers_model_hand_written_loop(leak_guard) -> None:
+def test_transformers_model_hand_written_loop(leak_guard, hf_mistral) -> None:
     transformers = pytest.importorskip("transformers")
-    config = transformers.MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=None,
-                                        attn_implementation="eager")
-    torch.manual_seed(0)
-    model = transformers.MistralForCausalLM(config).eval()  # eval() does not turn autograd off
+    model = hf_mistral(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2)
+    config = model.config
 
     def loop(n: int):
         cache = transformers.DynamicCache(config=config)

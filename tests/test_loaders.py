@@ -92,11 +92,8 @@ def test_fixed_loaders_keep_only_the_kv_cache(runs, loader: str) -> None:
     assert kept.total_bytes - kept.cache_bytes < 64 * 1024  # logits and position bookkeeping
 
 
-def test_a_bad_checkpoint_returns_no_model(checkpoint: Path, tmp_path: Path) -> None:
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for f in checkpoint.iterdir():
-        (broken / f.name).write_bytes(f.read_bytes())
+def test_a_bad_checkpoint_returns_no_model(checkpoint: Path, tmp_path: Path, copy_checkpoint) -> None:
+    broken = copy_checkpoint(checkpoint, tmp_path / "broken")
     last = sorted(broken.glob("model-*.safetensors"))[-1]
     last.write_bytes(last.read_bytes()[:-100])  # truncate the second shard
     for loader in LOADERS:

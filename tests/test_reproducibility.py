@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import shlex
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from kvlab.cli import build_parser, reproduce
 from kvlab.config import MistralConfig
@@ -24,13 +22,7 @@ RSS_TOLERANCE_FRACTION = 0.5
 TOKENS = 24
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setenv("KVLAB_DATA", str(tmp_path_factory.getbasetemp() / "kvlab-data"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("isolated")  # conftest: temporary data folder, one thread
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,6 @@ from kvlab.sites import _listeners
 TOKENS = 64
 
 
-
-
-
-
 @pytest.fixture(scope="module")
 def kvlab_leak():
     model = random_model("tiny", "trainable")
@@ -95,13 +91,9 @@ def hf_loop(model, steps: int, on_step=lambda i: None):
 
 
 @pytest.fixture(scope="module")
-def hf_model():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.MistralConfig(vocab_size=1024, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-                                        num_attention_heads=8, num_key_value_heads=2, sliding_window=None,
-                                        attn_implementation="eager")
-    torch.manual_seed(0)
-    return transformers.MistralForCausalLM(config).eval()  # eval() does not turn autograd off
+def hf_model(hf_mistral):
+    return hf_mistral(vocab_size=1024, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=2)
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")

@@ -149,11 +149,8 @@ def test_validate_checkpoint(checkpoint: Path, tmp_path: Path) -> None:
     assert rows(validate_checkpoint(tied), "tied_copy_stored") == ["lm_head.weight"]
 
 
-def test_validate_checkpoint_reads_headers_only(checkpoint: Path, tmp_path: Path) -> None:
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for f in checkpoint.iterdir():
-        (broken / f.name).write_bytes(f.read_bytes())
+def test_validate_checkpoint_reads_headers_only(checkpoint: Path, tmp_path: Path, copy_checkpoint) -> None:
+    broken = copy_checkpoint(checkpoint, tmp_path / "broken")
     data = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated
     with pytest.raises(CheckpointError, match="model.safetensors"):
