@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
@@ -683,7 +684,11 @@ def kv_bytes(config: MistralConfig, batch: int, tokens: int | Sequence[int], dty
     """
     if kind not in CACHES:
         raise ValueError(f"unknown cache {kind!r}; choose from {sorted(CACHES)}")
-    lengths = [tokens] * batch if isinstance(tokens, int) else list(tokens)
+    # operator.index: numpy integers (e.g. from np.arange) are welcome, floats are not.
+    if isinstance(tokens, Sequence):
+        lengths = [operator.index(t) for t in tokens]
+    else:
+        lengths = [operator.index(tokens)] * batch
     if len(lengths) != batch:
         raise ValueError(f"got {len(lengths)} sequence lengths for batch {batch}")
     elem = (dtype or config.dtype).itemsize
