@@ -47,6 +47,7 @@ import torch
 
 from kvlab.cache import CACHES, EXACT_CACHES, make_cache
 from kvlab.checkpoint import random_state_dict
+from kvlab.compare import kv_read_bytes
 from kvlab.config import MistralConfig, preset
 from kvlab.experiments import hf_model as shared_hf_model
 from kvlab.generate import generate
@@ -183,22 +184,11 @@ def kv_working_set(config: MistralConfig, state: dict[str, torch.Tensor], kind: 
     """
     model = model_for_loader(config, state, "inference")
     cache = make_cache(kind, config, 1, max_tokens=PROMPT_LEN + n)
-    update, per_step = cache.update, []
-
-    def recording_update(layer, k, v, positions):
-        keys, values, key_positions = update(layer, k, v, positions)
-        touched = keys.nbytes + values.nbytes  # .nbytes of a view: its own elements only
-        if not cache.grouped:
-            touched *= config.num_key_value_groups
-        if k.shape[2] == 1:  # decode steps only
-            if layer == 0:
-                per_step.append(0)
-            per_step[-1] += touched
-        return keys, values, key_positions
-
-    cache.update = recording_update
+    reads = kv_read_bytes(cache, config.num_key_value_groups)
     prompt = torch.randint(0, config.vocab_size, (1, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
     generate(model, prompt, n, cache=cache, inference_mode=True)
+    del cache.update
+    per_step = reads[1:]  # reads[0]: the prefill
     return sum(per_step) / len(per_step), per_step[-1]
 
 

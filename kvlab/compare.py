@@ -39,12 +39,14 @@ from torch import Tensor, nn
 
 from .cache import CACHES, KVCache, kv_bytes, make_cache
 from .config import MistralConfig
+from .fastpath import sync
 from .generate import Step, generate
-from .memmodel import kv_cache_bytes, leak_bytes, step_transient_bytes
+from .memmodel import leak_curve, step_transient_bytes
 from .memtrace import MemoryTracer
 
 __all__ = [
-    "usable_caches", "random_prompt", "token_agreement", "sweep_caches", "time_caches", "ragged_batch",
+    "usable_caches", "random_prompt", "token_agreement", "kv_read_bytes", "sweep_caches", "time_caches",
+    "ragged_batch",
     "RecordedResults", "load_results", "leak_vs_model", "peak_breakdown", "speed_summary",
 ]
 
@@ -64,11 +66,6 @@ def random_prompt(config: MistralConfig, batch: int, length: int, seed: int = 0,
 
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return model.model.embed_tokens.weight.device, model.model.embed_tokens.weight.dtype
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _new_cache(model: nn.Module, kind: str, batch: int, max_tokens: int, **options: Any) -> KVCache:
@@ -108,10 +105,15 @@ def token_agreement(model: nn.Module, prompt: Tensor, tokens: int,
     return pd.DataFrame(rows)
 
 
-def _record_reads(cache: KVCache, n_rep: int, reads: list[int]) -> None:
-    """Wrap ``cache.update`` to add, per decode step, the K/V bytes attention's matmuls read: what the
-    cache returns, times ``n_rep`` when attention materialises repeat_kv copies of it."""
+def kv_read_bytes(cache: KVCache, n_rep: int) -> list[int]:
+    """Wrap ``cache.update`` to add up, per forward step, the K/V bytes attention's matmuls read: what the
+    cache returns, times ``n_rep`` when attention materialises repeat_kv copies of it (all layers).
+
+    Returns the list it fills as the cache is used: one entry per step, the prefill first. The wrapper
+    refers back to the cache: ``del cache.update`` when done, or only the garbage collector frees it.
+    """
     update = cache.update
+    reads: list[int] = []
 
     def recording_update(layer: int, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         keys, values, key_positions = update(layer, k, v, positions)
@@ -122,6 +124,7 @@ def _record_reads(cache: KVCache, n_rep: int, reads: list[int]) -> None:
         return keys, values, key_positions
 
     cache.update = recording_update  # type: ignore[method-assign]
+    return reads
 
 
 def _sweep_run(model: nn.Module, kind: str, prompt: Tensor, tokens: int, trace: bool, warmup: int) -> pd.DataFrame:
@@ -134,12 +137,11 @@ def _sweep_run(model: nn.Module, kind: str, prompt: Tensor, tokens: int, trace: 
         with torch.no_grad():
             generate(model, prompt, warmup, cache=_new_cache(model, kind, batch, max_tokens))
     rows: list[dict[str, Any]] = []
-    reads: list[int] = []
     clock = [0.0]
     tracer = None
 
     def on_step(step: Step) -> None:
-        _sync(device)
+        sync(device)
         now = time.perf_counter()
         positions = prompt_len + step.index
         rows.append(dict(cache=kind, batch=batch, step=step.index, positions=positions, step_s=now - clock[0],
@@ -154,8 +156,8 @@ def _sweep_run(model: nn.Module, kind: str, prompt: Tensor, tokens: int, trace: 
     tracer = MemoryTracer(device=device.type, frames=False, baseline=[model]) if trace else None
     with tracer if tracer is not None else contextlib.nullcontext():
         cache = _new_cache(model, kind, batch, max_tokens)
-        _record_reads(cache, config.num_key_value_groups, reads)
-        _sync(device)
+        reads = kv_read_bytes(cache, config.num_key_value_groups)
+        sync(device)
         clock[0] = time.perf_counter()
         with torch.no_grad():  # not inference_mode: the tracer misses composite ops' copies under it
             generate(model, prompt, tokens, cache=cache, on_step=on_step)
@@ -209,7 +211,7 @@ def time_caches(model: nn.Module, caches: Sequence[str], batches: Sequence[int],
     clock = time.perf_counter if device.type == "cuda" else time.process_time
 
     def mark(step: Step) -> None:
-        _sync(device)
+        sync(device)
         marks.append(clock())
 
     for _ in range(rounds):
@@ -366,10 +368,11 @@ def leak_vs_model(results: RecordedResults, run_id: str, tokens: Sequence[int] |
     """A recorded run's memory beyond its start next to :mod:`kvlab.memmodel`'s prediction.
 
     Predicted = :func:`~kvlab.memmodel.leak_bytes` (what autograd keeps alive; 0 unless the run's loader
-    is trainable) + :func:`~kvlab.memmodel.kv_cache_bytes` of the concat cache. ``tokens``: the generated
-    counts to compare (default: ``points`` recorded counts spaced evenly on a log scale; the model costs
-    about a millisecond per decode step modelled, so every step of a long run would take minutes).
-    Columns ``generated, measured_bytes, predicted_bytes, ratio`` (measured / predicted).
+    is trainable) + :func:`~kvlab.memmodel.kv_cache_bytes` of the concat cache, both from
+    :func:`~kvlab.memmodel.leak_curve`. ``tokens``: the generated counts to compare (default: ``points``
+    recorded counts spaced evenly on a log scale). Columns ``generated, measured_bytes,
+    predicted_leak_bytes, predicted_kv_bytes, predicted_bytes`` (their sum) and ``ratio`` (measured /
+    predicted).
     """
     run = results.run(run_id)
     steps = results.run_steps(run_id)
@@ -379,12 +382,13 @@ def leak_vs_model(results: RecordedResults, run_id: str, tokens: Sequence[int] |
         recorded = steps["generated"].to_numpy()
         tokens = np.unique(np.geomspace(recorded.min(), recorded.max(), points).round().astype(int))
     steps = steps[steps["generated"].isin(list(tokens))]
+    model = leak_curve(config, [int(n) for n in steps["generated"]], prompt_len)
     leaks = run["loader"] in ("trainable", "threaded", "hf-grad")
-    predicted = [(leak_bytes(config, int(n), prompt_len) if leaks else 0)
-                 + kv_cache_bytes(config, prompt_len + int(n) - 1) for n in steps["generated"]]
     out = pd.DataFrame({"generated": steps["generated"].to_numpy(),
                         "measured_bytes": steps["beyond_start_bytes"].to_numpy(dtype=float),
-                        "predicted_bytes": np.asarray(predicted, dtype=float)})
+                        "predicted_leak_bytes": model["leak_bytes"].to_numpy() * leaks,
+                        "predicted_kv_bytes": model["kv_cache_bytes"].to_numpy()})
+    out["predicted_bytes"] = (out["predicted_leak_bytes"] + out["predicted_kv_bytes"]).astype(float)
     out["ratio"] = out["measured_bytes"] / out["predicted_bytes"]
     return out
 

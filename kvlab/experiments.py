@@ -116,8 +116,10 @@ def allocated(device: torch.device) -> float:
     return float(torch.cuda.memory_allocated(device)) if device.type == "cuda" else math.nan
 
 
-def cleanup(device: torch.device) -> None:
+def cleanup(device: str | torch.device = "cpu") -> None:
+    """Collect garbage between runs; on CUDA also return cached blocks and reset the peak counter."""
     gc.collect()
+    device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
@@ -803,30 +805,32 @@ def summarize(dirs: list[Path], out: Path) -> dict[str, Any]:
 
     Writes ``leak_vs_model.csv`` (measured memory beyond the start vs the analytic leak + KV cache, for
     trainable + concat runs), ``incident_by_site.csv`` (live bytes by site vs the model's leak by site)
-    and ``summary.json`` (the headline numbers of every folder). Needs no GPU: rerun it any time.
+    and ``summary.json`` (the headline numbers of every folder). Needs no GPU: rerun it any time. The
+    folders are read, and set against the model, by :mod:`kvlab.compare`.
     """
     import pandas as pd
 
-    from . import memmodel
+    from .compare import leak_vs_model, load_results, peak_breakdown
+    from .memmodel import leak_by_site, weight_bytes
 
     leak_rows: list[dict[str, Any]] = []
     site_rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {"sources": {}, "fixed_peak_check": [], "leak_runs": []}
     for folder in dirs:
         meta = json.loads((folder / "meta.json").read_text())
-        runs = pd.read_csv(folder / "runs.csv") if (folder / "runs.csv").exists() else pd.DataFrame()
-        steps = pd.read_csv(folder / "steps.csv") if (folder / "steps.csv").exists() else pd.DataFrame()
-        config = MistralConfig.from_dict(dict(meta["config"]))
-        prompt_len = meta["args"]["prompt_len"]
         summary["sources"][folder.name] = {k: meta.get(k) for k in (
             "command", "date", "torch", "transformers", "device", "bandwidth", "weights", "hf_parity", "fast",
             "hf_generate", "speed_summary", "hf_leak_GiB_beyond_start", "suite_seconds", "suite_errors")
             if meta.get(k) is not None}
-        for run in runs.to_dict("records"):
+        if not (folder / "runs.csv").is_file():  # no runs recorded (e.g. bandwidth only)
+            continue
+        results = load_results(folder)
+        config, prompt_len = results.config, meta["args"]["prompt_len"]
+        for run in results.runs.to_dict("records"):
             if run.get("impl") != "kvlab" or run.get("status") not in ("ok", "oom", "capped"):
                 continue
-            rows = steps[steps["run_id"] == run["run_id"]].set_index("generated")
-            dtype = run["dtype"]
+            run_id, dtype = run["run_id"], run["dtype"]
+            rows = results.run_steps(run_id).set_index("generated")
             if run["loader"] == "trainable":
                 summary["leak_runs"].append({k: run.get(k) for k in (
                     "run_id", "status", "tokens_done", "oom_generated", "final_beyond_start", "fit_bytes_per_token2",
@@ -834,38 +838,35 @@ def summarize(dirs: list[Path], out: Path) -> dict[str, Any]:
             if run["loader"] == "trainable" and run["cache"] == "concat":
                 last = int(rows.index.max())
                 points = sorted({n for n in (16, 32, 64, 128, 140, 256, 384, 512, 640) if n <= last} | {last})
-                for n in points:
-                    predicted_leak = memmodel.leak_bytes(config, n, prompt_len, dtype=dtype)
-                    kv = memmodel.kv_cache_bytes(config, prompt_len + n - 1, dtype=dtype)
-                    measured = float(rows.loc[n, "beyond_start_bytes"])
-                    leak_rows.append({"run_id": run["run_id"], "dtype": dtype, "generated": n,
-                                      "measured_beyond_start_GiB": measured / GiB,
-                                      "model_leak_GiB": predicted_leak / GiB, "model_kv_GiB": kv / GiB,
-                                      "model_total_GiB": (predicted_leak + kv) / GiB,
-                                      "measured_over_model": measured / (predicted_leak + kv)})
+                for row in leak_vs_model(results, run_id, tokens=points).itertuples():
+                    leak_rows.append({"run_id": run_id, "dtype": dtype, "generated": row.generated,
+                                      "measured_beyond_start_GiB": row.measured_bytes / GiB,
+                                      "model_leak_GiB": row.predicted_leak_bytes / GiB,
+                                      "model_kv_GiB": row.predicted_kv_bytes / GiB,
+                                      "model_total_GiB": row.predicted_bytes / GiB, "measured_over_model": row.ratio})
                 if run.get("traced") and "live_bytes" in rows.columns:
                     n = last
-                    model_sites = memmodel.leak_by_site(config, n, prompt_len, dtype=dtype)
+                    model_sites = leak_by_site(config, n, prompt_len, dtype=dtype)
                     measured_sites = {c.removeprefix("live_"): float(rows.loc[n, c]) for c in rows.columns
                                       if c.startswith("live_") and c not in ("live_bytes", "live_peak_bytes")
                                       and pd.notna(rows.loc[n, c]) and rows.loc[n, c] > 0}
                     for name in sorted(set(model_sites) | set(measured_sites)):
-                        site_rows.append({"run_id": run["run_id"], "dtype": dtype, "generated": n, "site": name,
+                        site_rows.append({"run_id": run_id, "dtype": dtype, "generated": n, "site": name,
                                           "measured_GB": measured_sites.get(name, 0.0) / 1e9,
                                           "model_leak_GB": model_sites.get(name, 0) / 1e9})
             if run["loader"] in ("inference", "int8") and run["suite"] == "leak" and pd.notna(run.get("peak_bytes")):
-                cached = int(rows["cache_len"].max())
-                weights = memmodel.weight_bytes(config, dtype, "int8" if run["loader"] == "int8" else None)
-                transient = memmodel.step_transient_bytes(config, cached, dtype=dtype)
-                kv = float(run["kv_bytes_end"])
-                other = float(run["start_bytes"]) - weights  # cuBLAS workspace; for int8 also the float weights
-                predicted = float(run["start_bytes"]) + kv + transient
+                check = peak_breakdown(results, run_id)
+                weights = weight_bytes(config, dtype, "int8" if run["loader"] == "int8" else None)
+                transient = int(check["analytic_step_bytes"])
+                kv = check["kv_bytes"]
+                other = check["start_bytes"] - weights  # cuBLAS workspace; for int8 also the float weights
                 summary["fixed_peak_check"].append({
-                    "run_id": run["run_id"], "cache_len": cached, "peak_bytes": run["peak_bytes"],
+                    "run_id": run_id, "cache_len": int(rows["cache_len"].iloc[-1]), "peak_bytes": run["peak_bytes"],
                     "model_weights_bytes": weights, "other_at_start_bytes": other, "kv_bytes": kv,
                     "model_step_transient_bytes": transient,
                     "measured_step_transient_bytes": run.get("step_transient_max"),
-                    "predicted_peak_bytes": predicted, "peak_over_predicted": run["peak_bytes"] / predicted,
+                    "predicted_peak_bytes": check["predicted_peak_bytes"],
+                    "peak_over_predicted": check["peak_over_predicted"],
                     # Only meaningful when nothing but the model's weights was alive at the start (the
                     # int8 runs keep the shared float weights alive beside their int8 copies).
                     "peak_over_weights_kv_transient": run["peak_bytes"] / (weights + kv + transient)

@@ -22,6 +22,7 @@ Nothing here measures anything itself: the numbers come from :class:`~kvlab.memt
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import platform
 import time
@@ -36,7 +37,8 @@ from torch import Tensor, nn
 from .cache import kv_bytes, make_cache
 from .checkpoint import build_checkpoint, inspect_checkpoint
 from .config import MistralConfig, preset
-from .experiments import model_bytes
+from .experiments import cleanup, model_bytes
+from .fastpath import sync
 from .generate import generate
 from .loaders import load_model
 from .memmodel import weight_bytes
@@ -79,19 +81,6 @@ def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
     else:
         info["cpu"] = platform.processor() or platform.machine()
     return info
-
-
-def cleanup(device: str | torch.device = "cpu") -> None:
-    """Collect garbage (and return cached CUDA blocks) between experiments."""
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _new_cache(kind: str | None, config: MistralConfig, max_tokens: int, device: torch.device):
@@ -201,7 +190,7 @@ def measure_decode(source: Source, loader: str = "trainable", cache: str | None 
     start = time.perf_counter()
     with MemoryTracer(device=device.type) as tracer:
         gen = generate(model, prompt, tokens, cache=kv_cache, on_step=tracer.mark_step)
-        _sync(device)
+        sync(device)
     seconds = time.perf_counter() - start
     report = explain_run(gen, model, tracer) if explain else None
     timeline = tracer.timeline()
@@ -296,10 +285,10 @@ def time_decode(source: Source, loader: str = "trainable", cache: str | None = "
     stamps: list[float] = []
 
     def stamp(step: Any) -> None:
-        _sync(device)
+        sync(device)
         stamps.append(time.perf_counter())
 
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     generate(model, prompt, tokens, cache=_new_cache(cache, model.config, max_tokens, device), on_step=stamp)
     del model
@@ -363,7 +352,7 @@ def rss_decode(source: Source, loader: str = "trainable", cache: str | None = "c
 def hf_available() -> bool:
     """Whether transformers (a test/benchmark extra of kvlab) can be imported."""
     try:
-        import transformers  # noqa: F401
+        importlib.import_module("transformers")
     except ImportError:
         return False
     return True

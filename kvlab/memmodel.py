@@ -96,27 +96,17 @@ def kv_cache_bytes(config: MistralConfig, tokens: int, batch: int = 1, dtype: to
 
 
 # --------------------------------------------------------------------------------------------- leak
-def saved_tensors(config: MistralConfig, new: int, cached: int, *, tokens_so_far: int | None = None,
-                  batch: int = 1, dtype: torch.dtype | str | None = None) -> pd.DataFrame:
-    """What autograd saves in one forward step of kvlab's model with trainable weights.
+SavedRow = tuple[str, str, str, str, int]  # name, site, scope, part, bytes
 
-    ``new`` tokens are processed with ``cached`` positions in the cache after the update (the prefill
-    has ``new == cached == prompt length``; a decode step has ``new == 1``). ``tokens_so_far`` is the
-    length of the token tensor the step's input is sliced from (default ``cached``).
 
-    Returns one row per saved tensor kind: ``name, site, scope`` (``"layer"``: once per layer;
-    ``"step"``: once per step; ``"final"``: final norm and ``lm_head``), ``part`` (``"pre-cache"``:
-    upstream of the layer's cache update, so reachable from the cache; ``"post-cache"``: reachable only
-    through later layers or the logits) and ``bytes``.
-    """
-    e = dtype_bytes(dtype, config)
+def _saved_rows(config: MistralConfig, new: int, cached: int, tokens_so_far: int, batch: int, e: int) -> list[SavedRow]:
+    """The rows of :func:`saved_tensors` as plain tuples, ``e`` bytes per element of the model dtype."""
     b, t, s = batch, new, cached
     c, i, h, d = config.hidden_size, config.intermediate_size, config.num_attention_heads, config.head_dim
-    n_tokens = cached if tokens_so_far is None else tokens_so_far
     # In float32 the norms' "float32 input" is the residual stream itself, computed by the previous
     # block (embedding, attention or MLP); in other dtypes it is a float32 copy made by the norm.
     stream = "residual" if e == 4 else "norm"
-    rows = [
+    return [
         # name, site, scope, part, bytes
         ("input norm: float32 input", stream, "layer", "pre-cache", b * t * c * 4),
         ("input norm: rsqrt", "norm", "layer", "pre-cache", b * t * 4),
@@ -140,7 +130,7 @@ def saved_tensors(config: MistralConfig, new: int, cached: int, *, tokens_so_far
         ("SiLU * up (down_proj input)", "mlp", "layer", "post-cache", b * t * i * e),
         ("rotary cos", "rotary", "step", "pre-cache", b * t * d * e),
         ("rotary sin", "rotary", "step", "pre-cache", b * t * d * e),
-        ("token ids (embedding indices)", "tokens", "step", "pre-cache", b * n_tokens * 8),
+        ("token ids (embedding indices)", "tokens", "step", "pre-cache", b * tokens_so_far * 8),
         # The final norm saves a slice of the last residual: for float32 that is the whole (B, T, C)
         # tensor; otherwise its float32 copy of the last position only.
         ("final norm: float32 input", stream, "final", "post-cache", b * c * 4 * (t if e == 4 else 1)),
@@ -148,39 +138,68 @@ def saved_tensors(config: MistralConfig, new: int, cached: int, *, tokens_so_far
         ("final norm: normalised input", "norm", "final", "post-cache", b * c * e),
         ("final norm output (lm_head input)", "norm", "final", "post-cache", b * c * e),
     ]
+
+
+def saved_tensors(config: MistralConfig, new: int, cached: int, *, tokens_so_far: int | None = None,
+                  batch: int = 1, dtype: torch.dtype | str | None = None) -> pd.DataFrame:
+    """What autograd saves in one forward step of kvlab's model with trainable weights.
+
+    ``new`` tokens are processed with ``cached`` positions in the cache after the update (the prefill
+    has ``new == cached == prompt length``; a decode step has ``new == 1``). ``tokens_so_far`` is the
+    length of the token tensor the step's input is sliced from (default ``cached``).
+
+    Returns one row per saved tensor kind: ``name, site, scope`` (``"layer"``: once per layer;
+    ``"step"``: once per step; ``"final"``: final norm and ``lm_head``), ``part`` (``"pre-cache"``:
+    upstream of the layer's cache update, so reachable from the cache; ``"post-cache"``: reachable only
+    through later layers or the logits) and ``bytes``.
+    """
+    n_tokens = cached if tokens_so_far is None else tokens_so_far
+    rows = _saved_rows(config, new, cached, n_tokens, batch, dtype_bytes(dtype, config))
     return pd.DataFrame(rows, columns=["name", "site", "scope", "part", "bytes"])
 
 
-def _retained_step(config: MistralConfig, new: int, cached: int, tokens_so_far: int, batch: int,
-                   dtype: torch.dtype | str | None, last: bool) -> pd.Series:
-    """Bytes retained from one step, by site."""
-    inv = saved_tensors(config, new, cached, tokens_so_far=tokens_so_far, batch=batch, dtype=dtype)
+def _retained_step(config: MistralConfig, step: int, prompt_len: int, batch: int, e: int, last: bool,
+                   total: dict[str, int]) -> None:
+    """Add the bytes retained from decode step ``step`` (0: the prefill) to ``total``, by site.
+
+    Every step but the last keeps its layers' saved tensors except the last layer's post-cache part,
+    and its per-step tensors; the last step is kept whole (final norm included) by the last logits.
+    """
+    new, cached = (prompt_len, prompt_len) if step == 0 else (1, prompt_len + step)
     n_layers = config.num_hidden_layers
-    layer = inv["scope"] == "layer"
-    if last:
-        weight = np.where(layer, n_layers, 1)
-    else:
-        weight = np.where(layer & (inv["part"] == "pre-cache"), n_layers,
-                          np.where(layer, n_layers - 1, np.where(inv["scope"] == "step", 1, 0)))
-    return (inv["bytes"] * weight).groupby(inv["site"]).sum()
+    for _, site, scope, part, nbytes in _saved_rows(config, new, cached, cached, batch, e):
+        if scope == "layer":
+            weight = n_layers if last or part == "pre-cache" else n_layers - 1
+        else:
+            weight = 1 if last or scope == "step" else 0
+        total[site] = total.get(site, 0) + nbytes * weight
+
+
+def _leak_by_site_for(config: MistralConfig, counts: Sequence[int], prompt_len: int, batch: int,
+                      dtype: torch.dtype | str | None) -> dict[int, dict[str, int]]:
+    """:func:`leak_by_site` for every generated count in ``counts``, summing each step once: the steps
+    before a run's last are the same for every longer run."""
+    if any(n < 1 for n in counts) or prompt_len < 1:
+        raise ValueError("new_tokens and prompt_len must be at least 1")
+    e = dtype_bytes(dtype, config)
+    earlier: dict[str, int] = {}  # retained from steps 0 .. done-1, none of them the last
+    done = 0
+    out: dict[int, dict[str, int]] = {}
+    for n in sorted(set(counts)):
+        for step in range(done, n - 1):
+            _retained_step(config, step, prompt_len, batch, e, False, earlier)
+        done = max(done, n - 1)
+        total = dict(earlier)
+        _retained_step(config, n - 1, prompt_len, batch, e, True, total)
+        out[n] = {site: total[site] for site in sorted(total) if total[site]}
+    return out
 
 
 def leak_by_site(config: MistralConfig, new_tokens: int, prompt_len: int = 1, batch: int = 1,
                  dtype: torch.dtype | str | None = None) -> dict[str, int]:
     """Predicted bytes of saved tensors still alive after ``generate(prompt, new_tokens)`` with trainable
     weights and the concat cache, by the site that allocated them."""
-    if new_tokens < 1 or prompt_len < 1:
-        raise ValueError("new_tokens and prompt_len must be at least 1")
-    total: pd.Series | None = None
-    for step in range(new_tokens):
-        if step == 0:
-            part = _retained_step(config, prompt_len, prompt_len, prompt_len, batch, dtype, new_tokens == 1)
-        else:
-            s = prompt_len + step
-            part = _retained_step(config, 1, s, s, batch, dtype, step == new_tokens - 1)
-        total = part if total is None else total.add(part, fill_value=0)
-    assert total is not None
-    return {site: int(v) for site, v in total.items() if v}
+    return _leak_by_site_for(config, [new_tokens], prompt_len, batch, dtype)[new_tokens]
 
 
 def leak_bytes(config: MistralConfig, new_tokens: int, prompt_len: int = 1, batch: int = 1,
@@ -193,7 +212,9 @@ def leak_bytes(config: MistralConfig, new_tokens: int, prompt_len: int = 1, batc
 def leak_curve(config: MistralConfig, tokens: Iterable[int], prompt_len: int = 1, batch: int = 1,
                dtype: torch.dtype | str | None = None) -> pd.DataFrame:
     """Predicted leak and KV cache for several lengths: ``tokens, leak_bytes, kv_cache_bytes``."""
-    rows = [dict(tokens=n, leak_bytes=leak_bytes(config, n, prompt_len, batch, dtype),
+    tokens = list(tokens)
+    by_site = _leak_by_site_for(config, tokens, prompt_len, batch, dtype) if tokens else {}
+    rows = [dict(tokens=n, leak_bytes=sum(by_site[n].values()),
                  kv_cache_bytes=kv_cache_bytes(config, prompt_len + n - 1, batch, dtype)) for n in tokens]
     return pd.DataFrame(rows, columns=["tokens", "leak_bytes", "kv_cache_bytes"])
 
