@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import functools
 import gc
 import json
 import os
@@ -43,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .sites import current_site
+from .sites import _stack as _site_stack  # read directly on the hot path: one less call per allocation
 
 __all__ = [
     "MemoryTracer", "TracerError", "trace_memory", "caller_site", "chain_callbacks",
@@ -141,13 +142,21 @@ class _Site:
         self.live = self.peak = self.allocated = self.step_allocated = self.step_peak = 0
 
 
+_DECOMPOSE = torch._C.DispatchKey.CompositeImplicitAutograd
+_push_mode_stack = torch._C._push_on_torch_dispatch_stack
+_pop_mode_stack = torch._C._pop_torch_dispatch_stack
+# What an op does with its outputs, decided once per op (see _classify).
+_PASS, _ALLOCATES, _DECOMPOSES = 0, 1, 2
+
+
 class _DispatchHook(TorchDispatchMode):
-    """Runs each op and hands fresh output storages to the tracer. Kept minimal: it runs for every aten op."""
+    """Runs each op and hands fresh output storages to the tracer. Kept minimal: it runs for every aten op,
+    and each op's treatment is decided once (:func:`_classify`) and looked up by ``func`` afterwards."""
 
     def __init__(self, tracer: "MemoryTracer") -> None:
         super().__init__()
         self._register = tracer._register
-        self._ops: dict[Any, tuple[Callable[..., Any], bool]] = {}
+        self._ops: dict[Any, tuple[Callable[..., Any], int]] = {}
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -156,31 +165,57 @@ class _DispatchHook(TorchDispatchMode):
         return False
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        entry = self._ops.get(func)
-        if entry is None:  # first sight of this op: what to call, and can it return a new storage?
-            entry = self._ops[func] = (func._op, _may_allocate(func))
-        op, allocates = entry
+        try:
+            op, kind = self._ops[func]
+        except KeyError:  # first sight of this op: what to call, and what it does with memory
+            op, kind = self._ops[func] = _classify(func)
+        if kind == _PASS:
+            return op(*args, **kwargs) if kwargs else op(*args)
+        if kind == _DECOMPOSES:
+            # A CompositeImplicitAutograd op reached the mode undecomposed (inference mode excludes the
+            # autograd keys where it is normally decomposed): run its decomposition with this mode back
+            # on the stack, so that its inner ops are seen exactly as they are outside inference mode.
+            _push_mode_stack(self)
+            try:
+                return op(*args, **kwargs) if kwargs else op(*args)
+            finally:
+                _pop_mode_stack(None)
         out = op(*args, **kwargs) if kwargs else op(*args)
-        if allocates:
-            if isinstance(out, Tensor):
-                self._register(out)
-            elif isinstance(out, (tuple, list)):
-                for item in out:
-                    if isinstance(item, Tensor):
-                        self._register(item)
+        if isinstance(out, Tensor):
+            self._register(out)
+        elif isinstance(out, (tuple, list)):
+            register = self._register
+            for item in out:
+                if isinstance(item, Tensor):
+                    register(item)
         return out
 
 
+def _classify(func: Any) -> tuple[Callable[..., Any], int]:
+    """``(callable, kind)`` for an op: decompose it, register its outputs, or just run it."""
+    name = func.name()
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    if has(name, "CompositeImplicitAutograd") and not any(
+            has(name, k) for k in ("CompositeExplicitAutograd", "CompositeExplicitAutogradNonFunctional",
+                                   "CPU", "CUDA")):
+        # Mirrors the dispatcher: an implicit kernel is used when the backend has no kernel of its own.
+        return functools.partial(func._op_dk, _DECOMPOSE), _DECOMPOSES
+    return func._op, _ALLOCATES if _may_allocate(func) else _PASS
+
+
 def _may_allocate(func: Any) -> bool:
-    """False for ops whose schema says every output aliases an input (views, in-place and ``out=`` ops).
+    """False for ops whose outputs always share an input's storage: views, in-place and ``out=`` ops
+    (their schema says every output aliases an input) and ``_unsafe_view`` (a view that does not say so).
 
     ``lift_fresh`` is the exception: it returns the tensor that ``torch.tensor(data)`` just built outside
-    the dispatcher, so its storage is new. Ops that alias without saying so (``_unsafe_view``) are caught
-    later, because their storage is already registered.
+    the dispatcher, so its storage is new. Ops that *may* alias, such as ``reshape`` or ``contiguous``,
+    are CompositeImplicitAutograd ops and are decomposed (see :class:`_DispatchHook`), never filtered here.
     """
     name = getattr(func, "__name__", "")
     if name.startswith("lift_fresh"):
         return True
+    if name.startswith("_unsafe_view"):
+        return False
     returns = func._schema.returns
     return not returns or any(r.alias_info is None for r in returns)
 
@@ -222,7 +257,9 @@ class MemoryTracer:
     def _reset(self) -> None:
         self._live: dict[int, _StorageRef] = {}  # storage data_ptr -> reference of a live registered storage
         self._sites: dict[str, _Site] = {}
-        self._baseline_ptrs: set[int] = set()
+        # storage data_ptr -> reference of a live baseline storage; dropped when the storage dies, since
+        # its address may then be reused by a tensor allocated while tracing
+        self._baseline: dict[int, weakref.ref] = {}
         self.baseline_bytes: dict[str, int] = {}
         self.live_bytes = 0
         self.peak_bytes = 0
@@ -297,10 +334,21 @@ class MemoryTracer:
                 ptr = st.data_ptr()
             except (RuntimeError, NotImplementedError, TypeError):
                 continue  # sparse, meta, fake or otherwise storage-less tensors
-            if ptr and ptr not in self._baseline_ptrs:
-                self._baseline_ptrs.add(ptr)
+            if ptr and ptr not in self._baseline:
+                self._baseline[ptr] = weakref.ref(st, self._baseline_freed(ptr))
                 dev = str(t.device)
                 self.baseline_bytes[dev] = self.baseline_bytes.get(dev, 0) + _charge(st.nbytes(), t.is_cuda)
+
+    def _baseline_freed(self, ptr: int) -> Callable[[weakref.ref], None]:
+        """Callback forgetting a baseline storage's address when the storage dies (its figures in
+        ``baseline_bytes`` stay: they describe the start of tracing)."""
+        baseline = self._baseline
+
+        def forget(ref: weakref.ref) -> None:
+            if baseline.get(ptr) is ref:
+                del baseline[ptr]
+
+        return forget
 
     # -------------------------------------------------------------- hot path
     def _register(self, t: Tensor) -> None:
@@ -309,22 +357,25 @@ class MemoryTracer:
         except (RuntimeError, NotImplementedError):
             return  # sparse or otherwise storage-less
         ptr = st.data_ptr()
-        if not ptr or ptr in self._live or ptr in self._baseline_ptrs:
+        if not ptr or ptr in self._live or ptr in self._baseline:
             return  # no memory, an alias of a storage already known, or a baseline tensor
-        cuda = t.is_cuda
         if self.device_type is not None and t.device.type != self.device_type:
             return
         nbytes = st.nbytes()
-        if cuda:
+        if t.is_cuda:
             nbytes = -(-nbytes // _CUDA_BLOCK) * _CUDA_BLOCK
-        name = current_site()
-        if name is None:
+        if _site_stack:
+            name = _site_stack[-1]
+        else:
             name = caller_site(3) if self.frames else UNLABELLED
         site = self._sites.get(name)
         if site is None:
             site = self._sites[name] = _Site()
         ref = _StorageRef(st, self._freed)
-        ref.ptr, ref.nbytes, ref.site, ref.step = ptr, nbytes, name, self._step_open
+        ref.ptr = ptr
+        ref.nbytes = nbytes
+        ref.site = name
+        ref.step = self._step_open
         self._live[ptr] = ref
         live = site.live + nbytes
         site.live = live
@@ -402,6 +453,7 @@ class MemoryTracer:
         self._end_rows = [dict(site=r.site, step=r.step, bytes=r.nbytes, ptr=r.ptr) for r in self._live.values()]
         # Dropping the weak references cancels their callbacks: the figures freeze at stop().
         self._live.clear()
+        self._baseline.clear()
 
     # -------------------------------------------------------------- results
     @property

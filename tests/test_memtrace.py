@@ -112,6 +112,53 @@ def test_code_without_sites_is_attributed_to_the_calling_line() -> None:
     del t, u
 
 
+def test_inference_mode_sees_what_no_grad_sees() -> None:
+    """Under inference mode, CompositeImplicitAutograd ops (reshape, matmul, linear, softmax...) reach the
+    dispatch mode undecomposed; repeat_kv's copy is made inside ``reshape``. The tracer decomposes them as
+    autograd would, so both modes give the same accounting, site by site and step by step."""
+    x = torch.randn(1, 2, 5, 4)
+    with torch.inference_mode(), MemoryTracer(frames=False) as tracer:
+        y = x[:, :, None].expand(1, 2, 3, 5, 4).reshape(1, 6, 5, 4)  # repeat_kv: a real copy
+        z = y.reshape(6, 20)  # a view of y: nothing new
+        assert tracer.live_bytes == y.untyped_storage().nbytes() == 6 * 5 * 4 * 4
+    del y, z
+
+    model = random_model("tiny", "inference")
+    runs = {}
+    for inference_mode in (False, True):
+        with torch.no_grad(), MemoryTracer(baseline=[model]) as tracer:
+            generate(model, torch.tensor([[1]]), 12, cache=ConcatCache(4), on_step=tracer.mark_step,
+                     inference_mode=inference_mode)
+        runs[inference_mode] = tracer
+    plain, inference = runs[False], runs[True]
+    assert plain.by_site().set_index("site").loc["repeat_kv", "allocated_bytes"] > 0
+    assert plain.by_site().equals(inference.by_site())
+    assert plain.site_table().equals(inference.site_table())
+    columns = ["step", "live_bytes", "peak_bytes", "allocated_bytes", "freed_bytes", "live_storages"]
+    assert plain.timeline()[columns].equals(inference.timeline()[columns])
+    assert plain.peak_bytes == inference.peak_bytes and plain.allocated_bytes == inference.allocated_bytes
+
+
+def test_a_freed_baseline_address_is_counted_when_reused() -> None:
+    """A baseline tensor freed while tracing gives its address back; what is allocated there is new.
+
+    64 MiB is above glibc's largest mmap threshold, so each block is its own mapping and the kernel hands
+    the address just unmapped straight back: the reuse is what happens, not a lucky heap layout."""
+    n = 16 << 20  # float32 elements: 64 MiB; torch.empty does not touch the pages
+    reused = 0
+    for _ in range(5):
+        base = torch.empty(n)  # alive before tracing: baseline
+        with MemoryTracer(baseline="auto", frames=False) as tracer:
+            ptr = base.untyped_storage().data_ptr()
+            del base
+            fresh = torch.empty(n)
+            reused += fresh.untyped_storage().data_ptr() == ptr
+            assert tracer.live_bytes == tracer.peak_bytes == 4 * n
+        assert tracer.end_bytes == 4 * n
+        del fresh
+    assert reused, "the allocator never handed the freed baseline block back: nothing was tested"
+
+
 # --------------------------------------------------------------------------------------------- the leak
 def test_exact_bytes_match_rss_growth_in_an_honest_malloc_process() -> None:
     """RSS growth of an untraced trainable run vs the tracer's exact bytes (same run, traced), in a child
