@@ -39,6 +39,7 @@ def execute(notebook: Path, out_dir: Path, parameters: dict[str, object], timeou
     import nbformat
     import papermill
     from nbconvert import HTMLExporter
+    from traitlets.config import Config
 
     executed = out_dir / "executed" / notebook.name
     executed.parent.mkdir(parents=True, exist_ok=True)
@@ -46,7 +47,9 @@ def execute(notebook: Path, out_dir: Path, parameters: dict[str, object], timeou
     error = None
     try:
         papermill.execute_notebook(str(notebook), str(executed), parameters=parameters, cwd=str(notebook.parent),
-                                   kernel_name="python3", progress_bar=False, execution_timeout=timeout)
+                                   kernel_name="python3", progress_bar=False, execution_timeout=timeout,
+                                   # a local kernel over IPC sockets: no network ports, no TCP warning
+                                   config=Config({"KernelManager": {"transport": "ipc"}}))
     except papermill.PapermillExecutionError as exc:
         error = f"{exc.ename}: {exc.evalue}"
     seconds = time.perf_counter() - start
