@@ -11,7 +11,7 @@ change to :mod:`kvlab.model`:
   shapes and no host sync; the key positions it returns (-1 for empty slots) make the model's own
   mask hide the unwritten part.
 - Positions are a device tensor, so nothing in the step depends on a Python integer that changes.
-- :func:`decode_one_token` (logits -> greedy token) is compiled with
+- :func:`greedy_step` (one token in, the greedy next token out) is compiled with
   ``torch.compile(mode="reduce-overhead", fullgraph=True)``: one graph, replayed as a CUDA graph.
 
 ``grouped=True`` gives the GQA-native variant (no ``repeat_kv`` copies), which reads the cache once
@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from .cache import KVCache, StaticCache, make_cache
 from .config import MistralConfig
 from .errors import CacheOverflowError
+from .generate import choose, prefill
 
 
 def sync(device: torch.device) -> None:
@@ -49,10 +50,14 @@ def fast_cache(config: MistralConfig, batch_size: int, max_tokens: int, device: 
                       dtype=dtype, trim=False, uniform_positions=True)
 
 
-def decode_one_token(model: nn.Module, cache: KVCache, token: Tensor, positions: Tensor) -> Tensor:
-    """Greedy next token (B, 1) after ``token`` (B, 1) written at ``positions`` (B, 1)."""
+def greedy_step(model: nn.Module, cache: KVCache, token: Tensor, positions: Tensor) -> Tensor:
+    """Greedy next token (B, 1) after ``token`` (B, 1) written at ``positions`` (B, 1).
+
+    Unlike :func:`kvlab.generate.decode_one_token`, positions are a device tensor passed in, so the
+    compiled step depends on no Python integer that changes between tokens.
+    """
     logits = model(token, positions=positions, cache=cache, last_only=True)[:, -1]  # (B, V)
-    return logits.argmax(dim=-1, keepdim=True)
+    return choose(logits, 0.0, None)
 
 
 @dataclass
@@ -85,12 +90,12 @@ class FastDecoder:
         if compile is None:
             compile = self.device.type == "cuda"
         self.compiled = compile
-        self.step = decode_one_token
+        self.step = greedy_step
         if compile:
             options = {"fullgraph": True, "backend": backend}
             if backend == "inductor" and mode is not None:
                 options["mode"] = mode
-            self.step = torch.compile(decode_one_token, **options)
+            self.step = torch.compile(greedy_step, **options)
 
     def _mark_step(self) -> None:
         mark = getattr(getattr(torch, "compiler", None), "cudagraph_mark_step_begin", None)
@@ -117,9 +122,7 @@ class FastDecoder:
     def _run(self, prompt: Tensor, new_tokens: int) -> tuple[Tensor, float]:
         self.cache.reset()
         b, t = prompt.shape
-        positions = torch.arange(t, device=self.device).expand(b, -1)
-        logits = self.model(prompt, positions=positions, cache=self.cache, last_only=True)[:, -1]
-        token = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+        token = choose(prefill(self.model, prompt, self.cache), 0.0, None)  # (B, 1)
         position = torch.full((b, 1), t, device=self.device, dtype=torch.long)
         out = [token]
         sync(self.device)
