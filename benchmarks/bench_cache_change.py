@@ -6,7 +6,7 @@
 For every cache variant the tiny preset with inference (frozen) weights decodes a fixed number of
 tokens after a fixed prompt. Speed is tokens per second, the median of ``--repeats`` untraced runs
 after a warm-up. Memory is the exact peak of live tensor bytes during one traced run (weights
-excluded, :class:`kvlab.memtrace.MemoryTracer`): deterministic, so any change in it is a real change
+excluded, :class:`kvlab.memory.trace.MemoryTracer`): deterministic, so any change in it is a real change
 of the cache, not allocator noise. The generated tokens are hashed too: a cache change must not change
 them (``int8`` excepted, it rounds K/V).
 
@@ -30,11 +30,11 @@ from typing import Any
 
 import torch
 
-from kvlab.cache import CACHES, make_cache
+from kvlab.caches import CACHES, make_cache
 from kvlab.config import preset
 from kvlab.generate import generate
 from kvlab.loaders import random_model
-from kvlab.memtrace import MemoryTracer
+from kvlab.memory.trace import MemoryTracer
 
 FORMAT = "kvlab-bench-cache/1"
 

@@ -45,11 +45,11 @@ from typing import Any
 
 import torch
 
-from kvlab.cache import CACHES, EXACT_CACHES, make_cache
+from kvlab.caches import CACHES, EXACT_CACHES, make_cache
 from kvlab.checkpoint import random_state_dict
-from kvlab.compare import kv_read_bytes
+from kvlab.study.sweeps import kv_read_bytes
 from kvlab.config import MistralConfig, preset
-from kvlab.experiments import hf_model as shared_hf_model
+from kvlab.experiments.suites import hf_model as shared_hf_model
 from kvlab.generate import generate
 from kvlab.loaders import model_for_loader
 from kvlab.model import MistralForCausalLM

@@ -15,15 +15,15 @@ import pandas as pd
 
 from kvlab.checkpoint import build_checkpoint
 from kvlab.loaders import LOADERS
-from kvlab.rss import run_python
+from kvlab.memory.rss import run_python
 
 CHILD = """
 import json, resource, time, torch
 torch.set_num_threads({threads})
-from kvlab.cache import ConcatCache
+from kvlab.caches import ConcatCache
 from kvlab.generate import generate
 from kvlab.loaders import load_model
-from kvlab.rss import rss_bytes
+from kvlab.memory.rss import rss_bytes
 model = load_model({directory!r}, {loader!r})
 prompt = torch.tensor([[1]])
 generate(model, prompt, 4, cache=ConcatCache(model.config.num_hidden_layers))  # warm-up

@@ -19,10 +19,10 @@ import time
 
 import torch
 
-from kvlab.cache import ConcatCache
+from kvlab.caches import ConcatCache
 from kvlab.generate import generate
 from kvlab.loaders import random_model
-from kvlab.memtrace import MemoryTracer
+from kvlab.memory.trace import MemoryTracer
 from kvlab.model import MistralForCausalLM
 from torch.utils._python_dispatch import TorchDispatchMode
 

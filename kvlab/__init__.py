@@ -1,7 +1,7 @@
 """kvlab: reproduce, trace, explain and fix the autograd "KV-cache memory leak" of LLM inference.
 
 The pieces, bottom up: :mod:`kvlab.config` (HF-named config, presets), :mod:`kvlab.model` (a
-Mistral-style decoder), :mod:`kvlab.cache` (KV-cache designs), :mod:`kvlab.checkpoint` (HF-layout
+Mistral-style decoder), :mod:`kvlab.caches` (KV-cache designs), :mod:`kvlab.checkpoint` (HF-layout
 safetensors I/O), :mod:`kvlab.loaders` (the four loaders of the story), :mod:`kvlab.generate` (the
 decode loop), and the memory tools that find the cause.
 """

@@ -76,8 +76,8 @@ def cmd_build_checkpoint(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------- validate
 def cmd_validate(args: argparse.Namespace) -> int:
-    from .memtrace import fmt_bytes
-    from .validate import as_dtype, validate_checkpoint, validate_model
+    from kvlab.memory.trace import fmt_bytes
+    from kvlab.memory.validate import as_dtype, validate_checkpoint, validate_model
 
     try:
         expected_dtype = as_dtype(args.expected_dtype)
@@ -126,22 +126,22 @@ def reproduce(preset_name: str = "tiny", loader: str = "trainable", cache: str =
               checkpoint: str | Path | None = None, progress: bool = True) -> Reproduction:
     """Decode ``tokens`` tokens with one loader and cache; write per-step memory (CSV), a plot (PNG), metadata (JSON).
 
-    Per step: exact live tensor bytes and the peak inside the step (:class:`kvlab.memtrace.MemoryTracer`,
+    Per step: exact live tensor bytes and the peak inside the step (:class:`kvlab.memory.trace.MemoryTracer`,
     weights excluded), the cache's bytes next to the analytic KV size, process RSS and the step time.
     The verdict compares what the loop keeps after ``tokens // 2`` and ``tokens`` steps with the KV
-    cache's analytic growth (:func:`kvlab.leakguard.compare_retained`). Everything needed to rerun is
+    cache's analytic growth (:func:`kvlab.memory.leakguard.compare_retained`). Everything needed to rerun is
     in the JSON, including the exact command and a hash of the generated tokens.
     """
     import pandas as pd
     import psutil
     import torch
 
-    from .cache import kv_bytes, make_cache
+    from .caches import kv_bytes, make_cache
     from .checkpoint import build_checkpoint
     from .generate import Step, generate
-    from .leakguard import compare_retained, measure_retained
+    from kvlab.memory.leakguard import compare_retained, measure_retained
     from .loaders import LOADERS, load_model
-    from .memtrace import MemoryTracer, chain_callbacks
+    from kvlab.memory.trace import MemoryTracer, chain_callbacks
 
     if loader not in LOADERS:
         raise UsageError(f"--loader {loader!r}: choose from {list(LOADERS)}")
@@ -218,8 +218,8 @@ def reproduce(preset_name: str = "tiny", loader: str = "trainable", cache: str =
 
 
 def _plot(frame: Any, path: Path, config: Any, loader: str, cache: str) -> None:
-    """The exact timeline (:func:`kvlab.plotting.plot_timeline`) with the KV cache and RSS growth added."""
-    from .plotting import plot_timeline
+    """The exact timeline (:func:`kvlab.study.plotting.plot_timeline`) with the KV cache and RSS growth added."""
+    from kvlab.study.plotting import plot_timeline
 
     fig = plot_timeline(frame[["step", "live_bytes", "peak_bytes"]], config=config, loader=loader, cache=cache)
     ax = fig.axes[0]
@@ -233,7 +233,7 @@ def _plot(frame: Any, path: Path, config: Any, loader: str, cache: str) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from .memtrace import fmt_bytes
+    from kvlab.memory.trace import fmt_bytes
 
     result = reproduce(args.preset, args.loader, args.cache, args.tokens, args.out, seed=args.seed,
                        prompt_len=args.prompt_len, device=args.device, checkpoint=args.checkpoint,

@@ -22,10 +22,10 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .cache import make_cache
+from .caches import make_cache
 from .checkpoint import build_checkpoint
 from .generate import Step, generate
-from .leakguard import Retained, compare_retained, measure_retained
+from kvlab.memory.leakguard import Retained, compare_retained, measure_retained
 from .loaders import LOADERS, load_model
 
 MIB = 2**20

@@ -5,7 +5,7 @@ the bytes read per token (the roofline). Eager PyTorch is far from it: each toke
 thousand small kernels from Python. This module removes that overhead the way gpt-fast does, with no
 change to :mod:`kvlab.model`:
 
-- The cache is :mod:`kvlab.cache`'s ``static`` (or ``gqa``) cache with ``uniform_positions=True`` and
+- The cache is :mod:`kvlab.caches`'s ``static`` (or ``gqa``) cache with ``uniform_positions=True`` and
   ``trim=False``: preallocated K/V for ``max_tokens`` positions at fixed addresses, written under
   ``torch.compile`` with ``index_copy_`` at a device-side position, so every decode step has the same
   shapes and no host sync; the key positions it returns (-1 for empty slots) make the model's own
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .cache import KVCache, StaticCache, make_cache
+from .caches import KVCache, StaticCache, make_cache
 from .config import MistralConfig
 from .errors import CacheOverflowError
 from .generate import choose, prefill

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .cache import KVCache
+from .caches import KVCache
 
 
 @dataclass

@@ -8,7 +8,8 @@ Notable choices:
   (``cache.grouped``), which never builds them.
 - The KV cache is a separate object passed to ``forward``; attention masks are built from the
   absolute positions the cache reports, so static, rotating and paged caches share one code path.
-- Regions are labelled with :class:`kvlab.sites.site` so memory tools can attribute allocations.
+- Regions are labelled with ``torch.profiler.record_function`` so profilers and memory tools can attribute
+  allocations to ``repeat_kv``, the cache update, attention, the MLP and ``lm_head``.
 - The model never touches grad mode: whether a decode loop records a graph is decided by how the
   weights were loaded (see :mod:`kvlab.loaders`), exactly as in the incident.
 
@@ -23,12 +24,12 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from .config import MistralConfig
-from .sites import site
 
 if TYPE_CHECKING:
-    from .cache import KVCache
+    from .caches import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -122,7 +123,7 @@ class Attention(nn.Module):
         if cache is None:
             key_positions = positions
         else:
-            with site("cache"):
+            with record_function("cache"):
                 key_states, value_states, key_positions = cache.update(
                     self.layer_idx, key_states, value_states, positions)  # (B, Hkv, S, D), (B, S)
         mask = attention_mask(positions, key_positions, self.sliding_window)  # (B, 1, T, S)
@@ -130,7 +131,7 @@ class Attention(nn.Module):
         if cache is not None and cache.grouped:
             out = self._grouped_attention(query_states, key_states, value_states, mask)
         else:
-            with site("repeat_kv"):
+            with record_function("repeat_kv"):
                 key_states = repeat_kv(key_states, self.num_key_value_groups)  # (B, H, S, D)
                 value_states = repeat_kv(value_states, self.num_key_value_groups)
             scores = torch.matmul(query_states, key_states.transpose(2, 3)) * self.scale  # (B, H, T, S)
@@ -175,13 +176,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None) -> Tensor:
-        with site("norm"):
+        with record_function("norm"):
             h = self.input_layernorm(x)
-        with site("attention"):
+        with record_function("attention"):
             x = x + self.self_attn(h, positions, rope, cache)
-        with site("norm"):
+        with record_function("norm"):
             h = self.post_attention_layernorm(x)
-        with site("mlp"):
+        with record_function("mlp"):
             return x + self.mlp(h)
 
 
@@ -216,14 +217,14 @@ class MistralForCausalLM(nn.Module):
             start = cache.seq_len if cache is not None else 0
             positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
             positions = positions.expand(input_ids.shape[0], -1)
-        with site("embed"):
+        with record_function("embed"):
             x = self.model.embed_tokens(input_ids)  # (B, T, C)
         rope = self.model.rotary_emb(positions, x.dtype)
         for layer in self.model.layers:
             x = layer(x, positions, rope, cache)
         if last_only:
             x = x[:, -1:]
-        with site("norm"):
+        with record_function("norm"):
             x = self.model.norm(x)
-        with site("lm_head"):
+        with record_function("lm_head"):
             return self.lm_head(x)  # (B, T, V)

@@ -21,7 +21,7 @@ def quantize_int8(x: Tensor, *, keepdim: bool = False, differentiable: bool = Fa
 
     - weights (:class:`Int8Linear`, one scale per output channel): ``differentiable=False`` quantizes
       ``x.detach()``, so the int8 copy has no tie to the float parameter;
-    - the KV cache (:class:`kvlab.cache.Int8Cache`, one scale per token and KV head, ``keepdim=True``):
+    - the KV cache (:class:`kvlab.caches.Int8Cache`, one scale per token and KV head, ``keepdim=True``):
       ``differentiable=True`` keeps the scale on the autograd graph, so under trainable weights the
       cache's scales carry every step's graph like any other cache (the int8 data cannot).
     """

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest_plugins = ["kvlab.pytest_plugin"]
+pytest_plugins = ["kvlab.memory.pytest_plugin"]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -16,7 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvlab.cache import CACHES, EXACT_CACHES, KVCache, generate_ragged, kv_bytes, make_cache
+from kvlab.caches import CACHES, EXACT_CACHES, KVCache, generate_ragged, kv_bytes, make_cache
 from kvlab.config import MistralConfig, preset
 from kvlab.errors import CacheOverflowError
 from kvlab.generate import generate

@@ -1,4 +1,4 @@
-"""kvlab.compare: the cache-design sweeps on the tiny preset, and the readers of recorded results."""
+"""kvlab.study.sweeps: the cache-design sweeps on the tiny preset, and the readers of recorded results."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import torch
 
-from kvlab.cache import EXACT_CACHES, kv_bytes
-from kvlab.compare import (
+from kvlab.caches import EXACT_CACHES, kv_bytes
+from kvlab.study.sweeps import (
     leak_vs_model, load_results, peak_breakdown, ragged_batch, random_prompt, speed_summary, sweep_caches,
     time_caches, token_agreement, usable_caches,
 )

@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 import torch
 
-from kvlab.cache import ConcatCache
+from kvlab.caches import ConcatCache
 from kvlab.checkpoint import random_state_dict
 from kvlab.config import preset
-from kvlab.experiments import main
+from kvlab.experiments.suites import main
 from kvlab.fastpath import FastDecoder, fast_cache
 from kvlab.generate import generate
 from kvlab.loaders import random_model
@@ -96,7 +96,7 @@ def test_random_weights_scale() -> None:
 
 @pytest.mark.parametrize("grouped", [True, False])
 def test_fast_path_traces_as_one_graph_and_matches_eager(grouped: bool) -> None:
-    """fullgraph=True fails on any graph break, so this also checks that kvlab.sites regions trace."""
+    """fullgraph=True fails on any graph break, so this also checks that kvlab.memory.regions regions trace."""
     config = preset("tiny")
     model = random_model(config, "inference")
     prompt = torch.tensor([[5, 6, 7]])

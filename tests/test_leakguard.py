@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvlab.cache import ConcatCache, make_cache
+from kvlab.caches import ConcatCache, make_cache
 from kvlab.checkpoint import build_checkpoint, random_state_dict
 from kvlab.config import preset
 from kvlab.generate import generate
-from kvlab.leakguard import DecodeLeakError, check_decode_leak, kv_bytes_per_token, measure_retained
+from kvlab.memory.leakguard import DecodeLeakError, check_decode_leak, kv_bytes_per_token, measure_retained
 from kvlab.loaders import build_model, load_model
-from kvlab.memtrace import MemoryTracer
+from kvlab.memory.trace import MemoryTracer
 
 
 STEPS = 8
@@ -45,7 +45,7 @@ def test_trainable_loader_fails_with_the_cause(checkpoint: Path, leak_guard) -> 
     # Growth is far beyond the cache's and superlinear: the saved tensors of a step grow with the cache.
     assert report.growth > 10 * report.expected_growth
     assert report.growth_ratio > 2.2
-    if importlib.util.find_spec("kvlab.retention") is not None:
+    if importlib.util.find_spec("kvlab.memory.retention") is not None:
         assert "retention explainer" in message
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvlab.cache import ConcatCache
+from kvlab.caches import ConcatCache
 from kvlab.checkpoint import build_checkpoint
 from kvlab.errors import CheckpointError
 from kvlab.generate import generate
-from kvlab.leakguard import kv_bytes_per_token, measure_retained
+from kvlab.memory.leakguard import kv_bytes_per_token, measure_retained
 from kvlab.loaders import LOADERS, load_model
 from kvlab.quant import Int8Linear
 

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from kvlab import memmodel
-from kvlab.cache import ConcatCache
+from kvlab.study import memmodel
+from kvlab.caches import ConcatCache
 from kvlab.config import preset
 from kvlab.generate import generate
 from kvlab.loaders import random_model
-from kvlab.plotting import plot_scaling
-from kvlab.retention import explain
+from kvlab.study.plotting import plot_scaling
+from kvlab.memory.retention import explain
 
 LENGTHS = (64, 128, 256)
 

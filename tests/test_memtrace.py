@@ -8,14 +8,14 @@ import json
 import pytest
 import torch
 
-from kvlab import memmodel
-from kvlab.cache import ConcatCache
+from kvlab.study import memmodel
+from kvlab.caches import ConcatCache
 from kvlab.generate import generate
 from kvlab.loaders import random_model
-from kvlab.memtrace import MemoryTracer, TracerError, cuda_memory_snapshot, save_results
-from kvlab.plotting import plot_by_site, plot_timeline
-from kvlab.rss import rss_timeline, run_python
-from kvlab.sites import _listeners, site
+from kvlab.memory.trace import MemoryTracer, TracerError, cuda_memory_snapshot, save_results
+from kvlab.study.plotting import plot_by_site, plot_timeline
+from kvlab.memory.rss import rss_timeline, run_python
+from kvlab.memory.regions import _listeners, site
 
 TOKENS = 256  # the trainable leak is ~212 MiB here
 
@@ -170,9 +170,9 @@ def test_exact_bytes_match_rss_growth_in_an_honest_malloc_process() -> None:
     code = """
 import json, torch
 torch.set_num_threads(1)
-from kvlab.cache import ConcatCache
+from kvlab.caches import ConcatCache
 from kvlab.generate import generate
-from kvlab.memtrace import rss_vs_exact
+from kvlab.memory.trace import rss_vs_exact
 from kvlab.loaders import random_model
 model = random_model("tiny", "trainable")
 prompt = torch.tensor([[1], [2], [3], [4]])

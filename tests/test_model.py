@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kvlab.cache import ConcatCache
+from kvlab.caches import ConcatCache
 from kvlab.checkpoint import random_state_dict
 from kvlab.config import preset
 from kvlab.generate import generate

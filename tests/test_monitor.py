@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-from kvlab.memtrace import MemoryTracer
-from kvlab.monitor import Alarm, MemoryMonitor
-from kvlab.sites import site
+from kvlab.memory.trace import MemoryTracer
+from kvlab.memory.monitor import Alarm, MemoryMonitor
+from kvlab.memory.regions import site
 
 
 MIB = 2**20
@@ -43,7 +43,7 @@ def test_samples_arrive() -> None:
 
 def test_threshold_and_rate_alarms_fire(caplog: pytest.LogCaptureFixture) -> None:
     fired: list[Alarm] = []
-    caplog.set_level(logging.WARNING, logger="kvlab.monitor")
+    caplog.set_level(logging.WARNING, logger="kvlab.memory.monitor")
     with MemoryMonitor(interval=0.005, threshold_bytes=64 * MIB, rate_bytes_per_s=64 * MIB, rate_window_s=0.2,
                        callback=fired.append) as monitor:
         time.sleep(0.15)  # a quiet start: at least half a rate window of samples before the allocation

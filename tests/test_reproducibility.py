@@ -13,7 +13,7 @@ import pytest
 from kvlab.cli import build_parser, reproduce
 from kvlab.config import MistralConfig
 from kvlab.demo import run_demo
-from kvlab.leakguard import kv_bytes_per_token
+from kvlab.memory.leakguard import kv_bytes_per_token
 
 # RSS depends on the allocator and on what else the process did before; two runs in one process
 # agree only loosely. Stated tolerance for the final RSS growth: 32 MiB or 50 %, whichever is larger.

@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from kvlab.cache import ConcatCache
+from kvlab.caches import ConcatCache
 from kvlab.generate import generate
 from kvlab.loaders import random_model
-from kvlab.memtrace import MemoryTracer, TracerError
-from kvlab.retention import SavedTensorTags, collect_tensors, explain, tag_saved_tensors
-from kvlab.sites import _listeners
+from kvlab.memory.trace import MemoryTracer, TracerError
+from kvlab.memory.retention import SavedTensorTags, collect_tensors, explain, tag_saved_tensors
+from kvlab.memory.regions import _listeners
 
 TOKENS = 64
 

@@ -14,7 +14,7 @@ from kvlab.config import preset
 from kvlab.errors import CheckpointError
 from kvlab.loaders import build_model, load_model
 from kvlab.model import MistralForCausalLM
-from kvlab.validate import ModelValidationError, validate_checkpoint, validate_model
+from kvlab.memory.validate import ModelValidationError, validate_checkpoint, validate_model
 
 
 def tiny(trainable: bool = False, **overrides: object) -> nn.Module:

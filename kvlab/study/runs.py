@@ -5,18 +5,18 @@ be?") and each answer is a decode run measured with kvlab's own tools. This modu
 together so a notebook cell stays one line:
 
 - :func:`measure_decode` loads a checkpoint with a named loader, decodes under the exact tracer of
-  :mod:`kvlab.memtrace` (and optionally the retention explainer of :mod:`kvlab.retention`), sets the
-  cache's ``nbytes`` against :func:`kvlab.cache.kv_bytes`, and drops the model before it returns, so
+  :mod:`kvlab.memory.trace` (and optionally the retention explainer of :mod:`kvlab.memory.retention`), sets the
+  cache's ``nbytes`` against :func:`kvlab.caches.kv_bytes`, and drops the model before it returns, so
   experiments in one notebook never see each other's tensors. :func:`measure_grid` runs it over
   loaders x caches and returns one row per run.
 - :func:`time_decode` times decoding token by token, untraced (the tracer's bookkeeping would blur it).
 - :func:`rss_decode` records RSS, what ``top`` shows, with memory_profiler in a fresh process, with
-  glibc's default allocator settings or with a fixed mmap threshold (see :func:`kvlab.rss.honest_malloc_env`).
+  glibc's default allocator settings or with a fixed mmap threshold (see :func:`kvlab.memory.rss.honest_malloc_env`).
 - :func:`hf_decode` drives transformers' ``MistralForCausalLM`` over the same weights with a hand-written
   greedy loop and ``DynamicCache``, with grad mode on or off.
 
-Nothing here measures anything itself: the numbers come from :class:`~kvlab.memtrace.MemoryTracer`,
-:func:`~kvlab.retention.explain`, :mod:`kvlab.rss` and the analytic sizes of :mod:`kvlab.memmodel`.
+Nothing here measures anything itself: the numbers come from :class:`~kvlab.memory.trace.MemoryTracer`,
+:func:`~kvlab.memory.retention.explain`, :mod:`kvlab.memory.rss` and the analytic sizes of :mod:`kvlab.study.memmodel`.
 """
 
 from __future__ import annotations
@@ -34,17 +34,17 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from .cache import kv_bytes, make_cache
-from .checkpoint import build_checkpoint, inspect_checkpoint
-from .config import MistralConfig, preset
-from .experiments import cleanup, model_bytes
-from .fastpath import sync
-from .generate import generate
-from .loaders import load_model
+from kvlab.caches import kv_bytes, make_cache
+from kvlab.checkpoint import build_checkpoint, inspect_checkpoint
+from kvlab.config import MistralConfig, preset
+from kvlab.experiments.suites import cleanup, model_bytes
+from kvlab.fastpath import sync
+from kvlab.generate import generate
+from kvlab.loaders import load_model
 from .memmodel import weight_bytes
-from .memtrace import MemoryTracer, MiB
-from .retention import RetentionReport, explain
-from .rss import RSSTimeline, honest_malloc_env, run_python
+from kvlab.memory.trace import MemoryTracer, MiB
+from kvlab.memory.retention import RetentionReport, explain
+from kvlab.memory.rss import RSSTimeline, honest_malloc_env, run_python
 
 __all__ = ["checkpoint", "environment", "cleanup", "DecodeRun", "measure_decode", "explain_run", "measure_grid",
            "expected_vs_measured", "live_table", "inspect_loaders", "time_decode", "rss_decode", "hf_available",
@@ -71,7 +71,7 @@ def checkpoint(source: Source, *, seed: int = 0, max_shard_bytes: int | None = N
 
 def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
     """Versions and the device a notebook ran on (its first output cell)."""
-    from . import __version__
+    from kvlab import __version__
 
     device = torch.device(device)
     info = {"python": platform.python_version(), "torch": torch.__version__, "kvlab": __version__,
@@ -109,9 +109,9 @@ class DecodeRun:
     site_table: pd.DataFrame  # per (step, site): live_bytes, allocated_bytes, peak_bytes (tracer)
     by_site: pd.DataFrame  # heaptrack-style: alive_end_bytes, at_peak_bytes, peak_bytes, allocated_bytes per site
     weights_bytes: int  # parameters and buffers of the loaded model, measured
-    weights_expected: int  # the same from the config alone (kvlab.memmodel.weight_bytes)
+    weights_expected: int  # the same from the config alone (kvlab.study.memmodel.weight_bytes)
     kv_nbytes: int  # the cache's own report of its K/V bytes at the end
-    kv_expected: int  # kvlab.cache.kv_bytes for the positions the cache holds
+    kv_expected: int  # kvlab.caches.kv_bytes for the positions the cache holds
     end_bytes: int  # tensors allocated while decoding and still alive at the end
     peak_bytes: int  # highest live total during the run
     params_requiring_grad: int
@@ -303,14 +303,14 @@ def time_decode(source: Source, loader: str = "trainable", cache: str | None = "
 _RSS_CHILD = """
 import json, torch
 torch.set_num_threads({threads})
-from kvlab.investigate import _rss_child
+from .runs import _rss_child
 print(json.dumps(_rss_child({args!r})))
 """
 
 
 def _rss_child(args: dict[str, Any]) -> dict[str, Any]:
     """Runs in the child process of :func:`rss_decode`: one untraced decode under memory_profiler."""
-    from .rss import rss_timeline
+    from kvlab.memory.rss import rss_timeline
 
     device = torch.device(args["device"])
     model = load_model(args["directory"], args["loader"], device=device)
@@ -331,7 +331,7 @@ def rss_decode(source: Source, loader: str = "trainable", cache: str | None = "c
     settings that only a new process reads), sampled by memory_profiler.
 
     ``malloc="default"``: glibc as a user runs it; ``"honest"``: a fixed mmap threshold, so large
-    freed tensors go back to the OS and RSS follows the live tensors (:func:`kvlab.rss.honest_malloc_env`).
+    freed tensors go back to the OS and RSS follows the live tensors (:func:`kvlab.memory.rss.honest_malloc_env`).
     """
     if malloc not in ("default", "honest"):
         raise ValueError(f"malloc must be 'default' or 'honest', got {malloc!r}")
@@ -395,8 +395,8 @@ def hf_decode(source: Source, tokens: int = 256, *, grad: bool = True, device: s
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import transformers
 
-    from .checkpoint import load_state_dict
-    from .experiments import _hf_cache_kw, hf_model
+    from kvlab.checkpoint import load_state_dict
+    from kvlab.experiments.suites import _hf_cache_kw, hf_model
 
     device = torch.device(device)
     config, state = load_state_dict(checkpoint(source, seed=seed))

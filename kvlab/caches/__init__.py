@@ -41,9 +41,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch import Tensor
 
-from .config import MistralConfig
-from .errors import CacheOverflowError
-from .quant import dequantize_int8, quantize_int8
+from kvlab.config import MistralConfig
+from kvlab.errors import CacheOverflowError
+from kvlab.quant import dequantize_int8, quantize_int8
 
 if TYPE_CHECKING:
     from torch import nn

@@ -32,8 +32,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .cache import kv_bytes
-from .config import MistralConfig
+from kvlab.caches import kv_bytes
+from kvlab.config import MistralConfig
 
 __all__ = [
     "dtype_bytes", "weight_bytes", "weight_breakdown", "kv_cache_bytes", "saved_tensors", "leak_bytes",
@@ -89,7 +89,7 @@ def kv_cache_bytes(config: MistralConfig, tokens: int, batch: int = 1, dtype: to
                    kind: str = "concat", **options: object) -> int:
     """K and V for every layer: ``2 * layers * kv_heads * head_dim * tokens * batch * bytes`` for the
     concat cache; other cache designs (``kind``: static, sliding, int8, paged ...) as sized by
-    :func:`kvlab.cache.kv_bytes`, which this calls (``dtype`` may also be a name, e.g. ``"bfloat16"``)."""
+    :func:`kvlab.caches.kv_bytes`, which this calls (``dtype`` may also be a name, e.g. ``"bfloat16"``)."""
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     return int(kv_bytes(config, batch, tokens, dtype, kind, **options))

@@ -7,7 +7,7 @@ have flagged it on the first long generation.
 
 RSS is what the operating system charges, so it is what an alarm should watch; it also mixes in the
 allocator's behaviour (freed blocks that are not returned), so it says *that* memory grows, not *why*.
-When an exact tracer of :mod:`kvlab.memtrace` is active, the alarm message adds its top sites; the
+When an exact tracer of :mod:`kvlab.memory.trace` is active, the alarm message adds its top sites; the
 monitor works without it.
 
 Usage::
@@ -33,7 +33,7 @@ import torch
 
 __all__ = ["Alarm", "MemoryMonitor", "COLUMNS"]
 
-log = logging.getLogger("kvlab.monitor")
+log = logging.getLogger("kvlab.memory.monitor")
 COLUMNS = ["t", "rss_bytes", "cuda_allocated_bytes", "cuda_reserved_bytes", "label"]
 _MIB = 2**20
 
@@ -56,13 +56,13 @@ class Alarm:
 
 
 def _top_sites(limit: int = 5) -> list[tuple[str, int]]:
-    """Top (site, live bytes) of the running :class:`kvlab.memtrace.MemoryTracer`, if there is one.
+    """Top (site, live bytes) of the running :class:`kvlab.memory.trace.MemoryTracer`, if there is one.
 
     Optional by design: the monitor never imports memtrace (it only looks whether it was imported and
     a tracer is active), and any failure just means "no sites". The tracer is updated on the traced
     thread while this runs on the monitor's, so a read that races with it is retried.
     """
-    memtrace = sys.modules.get("kvlab.memtrace")
+    memtrace = sys.modules.get("kvlab.memory.trace")
     tracer = getattr(getattr(memtrace, "MemoryTracer", None), "_active", None)
     if tracer is None or not hasattr(tracer, "by_site"):
         return []

@@ -1,6 +1,6 @@
 """Why memory stays alive: walk the autograd graph hanging off what a decode loop keeps.
 
-Allocation-site tools (heap profilers, :mod:`kvlab.memtrace`, CUDA snapshots) point at ``repeat_kv``
+Allocation-site tools (heap profilers, :mod:`kvlab.memory.trace`, CUDA snapshots) point at ``repeat_kv``
 and ``cat``: where the memory was *allocated*. The reason it is still alive is elsewhere. If any weight
 requires grad, every op records a backward node that holds on to the tensors it will need (its
 ``SavedVariable``\\ s), and because each step's KV cache is ``cat(previous_cache, new)``, the cache's
@@ -9,7 +9,7 @@ requires grad, every op records a backward node that holds on to the tensors it 
 tensors), unpacks each node's ``_saved_*`` tensors, de-duplicates them by storage, and names the cause:
 which parameters require grad, how many decode steps the graph chains together, and how many bytes
 of saved tensors that pins, by op and by site. The walk itself is :func:`walk_graph`, kvlab's only one:
-:func:`kvlab.leakguard.measure_retained` counts bytes through it too.
+:func:`kvlab.memory.leakguard.measure_retained` counts bytes through it too.
 
 :class:`SavedTensorTags` (optional, used around generation) tags every tensor autograd saves with the
 site and decode step it was saved in, and records which site created each graph node, so the report
@@ -27,10 +27,10 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from . import memtrace
-from .cache import KVCache
-from .memtrace import MiB, TracerError, caller_site
-from .sites import add_listener, current_site, remove_listener, site_path
+from . import trace as memtrace
+from kvlab.caches import KVCache
+from .trace import MiB, TracerError, caller_site
+from .regions import add_listener, current_site, remove_listener, site_path
 
 __all__ = ["explain", "RetentionReport", "SavedTensorTags", "tag_saved_tensors", "collect_tensors",
            "walk_graph", "GraphWalk", "SavedStorage"]
@@ -48,7 +48,7 @@ class SavedTensorTags:
     """Context manager tagging each tensor autograd saves with its site and decode step.
 
     Installs ``torch.autograd.graph.saved_tensors_hooks`` whose pack hook records, per storage, the
-    site open when the tensor was saved (kvlab's :func:`~kvlab.sites.site` name, else the calling
+    site open when the tensor was saved (kvlab's :func:`~kvlab.memory.regions.site` name, else the calling
     Python frame) and the decode step, and returns the tensor unchanged, so memory behaves exactly as
     without it. For kvlab's model it also logs autograd's node sequence number at every site boundary,
     so a saved tensor can be charged to the site that *produced* it (``repeat_kv``) rather than the
@@ -314,7 +314,7 @@ def walk_graph(*objects: Any, model: nn.Module | None = None, max_depth: int = 5
     """Walk the autograd graph behind every tensor reachable from ``objects`` (see :func:`collect_tensors`).
 
     ``model`` names parameters and excludes its parameters' and buffers' storage from every count.
-    The one graph walk of kvlab: :func:`explain` and :func:`kvlab.leakguard.measure_retained` read it.
+    The one graph walk of kvlab: :func:`explain` and :func:`kvlab.memory.leakguard.measure_retained` read it.
     """
     reachable = _reachable(objects, max_depth)
     names: dict[int, str] = {}
@@ -523,7 +523,7 @@ def explain(*roots: Any, model: nn.Module | None = None, tags: SavedTensorTags |
     ``roots``: whatever the loop holds on to — a kvlab cache or transformers ``DynamicCache``, the last
     logits, a ``Generation``, any tensors or objects holding them. ``model``: names the parameters that
     require grad (matched by identity), pointing at the loader. ``tags``: a :class:`SavedTensorTags`
-    that ran during generation; ``tracer``: a stopped :class:`~kvlab.memtrace.MemoryTracer` that ran
+    that ran during generation; ``tracer``: a stopped :class:`~kvlab.memory.trace.MemoryTracer` that ran
     during generation. Either gives each saved storage a site (the tracer: where it was allocated);
     without them sites are ``None`` and the walk still counts nodes, steps and bytes by op.
     """

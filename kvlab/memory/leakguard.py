@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cache import kv_bytes
-from .config import MistralConfig
-from .memtrace import fmt_bytes
+from kvlab.caches import kv_bytes
+from kvlab.config import MistralConfig
+from .trace import fmt_bytes
 from .retention import explain, walk_graph
 
 __all__ = ["DecodeLeakError", "Retained", "LeakReport", "measure_retained", "compare_retained", "check_decode_leak",
@@ -80,7 +80,7 @@ class Retained:
 def measure_retained(kept: object, model: nn.Module | None = None) -> Retained:
     """Bytes that ``kept`` holds alive through its tensors and their autograd graph.
 
-    Measured by :func:`kvlab.retention.walk_graph`: saved tensors are deduplicated by storage against
+    Measured by :func:`kvlab.memory.retention.walk_graph`: saved tensors are deduplicated by storage against
     each other and against the kept tensors, and the storages of ``model``'s parameters and buffers and
     of any graph leaf are excluded — weights exist whether or not a loop runs.
     """
@@ -134,7 +134,7 @@ def kv_bytes_per_token(config: Any, element_size: int | None = None, batch: int 
 
     ``config`` is a kvlab :class:`~kvlab.config.MistralConfig` or anything with the same field names
     (a transformers config). ``element_size`` defaults to the config's dtype. The formula is
-    :func:`kvlab.cache.kv_bytes`'s, for one token.
+    :func:`kvlab.caches.kv_bytes`'s, for one token.
     """
     if element_size is None:
         element_size = _element_size(config)
@@ -221,7 +221,7 @@ def _models_near(run: Callable[..., Any]) -> list[nn.Module]:
 
 
 def _retention_summary(kept: object, model: nn.Module | None) -> str:
-    """The retention explainer's summary of ``kept`` (:func:`kvlab.retention.explain`)."""
+    """The retention explainer's summary of ``kept`` (:func:`kvlab.memory.retention.explain`)."""
     try:
         return explain(kept, model=model).summary()
     except Exception as exc:  # the explanation must never hide the leak itself

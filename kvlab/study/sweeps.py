@@ -2,16 +2,16 @@
 
 Two small toolboxes for the notebooks that come after the fix:
 
-- **Comparison sweeps** (one model with frozen weights, every cache of :data:`kvlab.cache.CACHES`):
+- **Comparison sweeps** (one model with frozen weights, every cache of :data:`kvlab.caches.CACHES`):
   :func:`token_agreement` (tokens and logits against the no-cache run), :func:`sweep_caches` (per decode
-  step: time, ``nbytes`` next to :func:`kvlab.cache.kv_bytes`, the K/V bytes attention reads, and with
+  step: time, ``nbytes`` next to :func:`kvlab.caches.kv_bytes`, the K/V bytes attention reads, and with
   ``trace=True`` exact live/peak bytes), :func:`time_caches` (tokens/s by batch and sequence length,
   fastest of interleaved rounds) and :func:`ragged_batch` (rows of different lengths: bytes held against
   bytes needed).
 - **Recorded results** of ``python -m kvlab.experiments``: :func:`load_results` reads one output folder
   or a folder of them (``steps.csv``, ``runs.csv``, ``meta.json``, ``incident.csv``) into
   :class:`RecordedResults`; :func:`leak_vs_model` puts a leaking run next to the analytic model of
-  :mod:`kvlab.memmodel`; :func:`peak_breakdown` splits a fixed run's peak into weights, KV cache and one
+  :mod:`kvlab.study.memmodel`; :func:`peak_breakdown` splits a fixed run's peak into weights, KV cache and one
   step's working set; :func:`speed_summary` tabulates kvlab and transformers tokens/s against the
   roofline.
 
@@ -37,12 +37,12 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from .cache import CACHES, KVCache, kv_bytes, make_cache
-from .config import MistralConfig
-from .fastpath import sync
-from .generate import Step, generate
+from kvlab.caches import CACHES, KVCache, kv_bytes, make_cache
+from kvlab.config import MistralConfig
+from kvlab.fastpath import sync
+from kvlab.generate import Step, generate
 from .memmodel import leak_curve, step_transient_bytes
-from .memtrace import MemoryTracer
+from kvlab.memory.trace import MemoryTracer
 
 __all__ = [
     "usable_caches", "random_prompt", "token_agreement", "kv_read_bytes", "sweep_caches", "time_caches",
@@ -175,7 +175,7 @@ def sweep_caches(model: nn.Module, caches: Sequence[str], batches: Sequence[int]
 
     Columns: ``cache, batch, step, positions`` (cached positions after the step), ``step_s`` (wall time
     of the step, device-synchronised), ``nbytes`` (the cache's own count), ``kv_bytes`` (the analytic
-    :func:`kvlab.cache.kv_bytes` for that many positions), ``kv_read_bytes`` (K/V bytes attention read
+    :func:`kvlab.caches.kv_bytes` for that many positions), ``kv_read_bytes`` (K/V bytes attention read
     in that step, all layers) and, with ``trace=True``, ``live_bytes``/``peak_bytes`` of the exact tracer
     (tensors allocated during the run: cache + activations; the weights are the baseline). Tracing slows
     every op: measure speed with :func:`time_caches`.
@@ -232,7 +232,7 @@ def time_caches(model: nn.Module, caches: Sequence[str], batches: Sequence[int],
 
 def ragged_batch(model: nn.Module, prompts: Sequence[Sequence[int]], new_tokens: int,
                  caches: Sequence[str] = ("static", "sliding", "paged"), **options: Any) -> pd.DataFrame:
-    """Decode prompts of different lengths in one batch (:func:`kvlab.cache.generate_ragged`) with each
+    """Decode prompts of different lengths in one batch (:func:`kvlab.caches.generate_ragged`) with each
     ragged-capable cache; compare every row with the same prompt decoded alone.
 
     One row per cache: ``nbytes`` (held), ``kv_bytes`` (analytic, per-row lengths), ``needed_bytes``
@@ -240,7 +240,7 @@ def ragged_batch(model: nn.Module, prompts: Sequence[Sequence[int]], new_tokens:
     needed, and ``tokens_equal`` (every row equals its solo run). ``options`` go to ``make_cache``
     (e.g. ``block_size`` for ``paged``; sized the same for ``kv_bytes``).
     """
-    from .cache import generate_ragged
+    from kvlab.caches import generate_ragged
 
     device, _ = _model_device_dtype(model)
     config = model.config
@@ -365,11 +365,11 @@ def load_results(results_dir: str | Path) -> RecordedResults:
 
 def leak_vs_model(results: RecordedResults, run_id: str, tokens: Sequence[int] | None = None,
                   points: int = 12) -> pd.DataFrame:
-    """A recorded run's memory beyond its start next to :mod:`kvlab.memmodel`'s prediction.
+    """A recorded run's memory beyond its start next to :mod:`kvlab.study.memmodel`'s prediction.
 
-    Predicted = :func:`~kvlab.memmodel.leak_bytes` (what autograd keeps alive; 0 unless the run's loader
-    is trainable) + :func:`~kvlab.memmodel.kv_cache_bytes` of the concat cache, both from
-    :func:`~kvlab.memmodel.leak_curve`. ``tokens``: the generated counts to compare (default: ``points``
+    Predicted = :func:`~kvlab.study.memmodel.leak_bytes` (what autograd keeps alive; 0 unless the run's loader
+    is trainable) + :func:`~kvlab.study.memmodel.kv_cache_bytes` of the concat cache, both from
+    :func:`~kvlab.study.memmodel.leak_curve`. ``tokens``: the generated counts to compare (default: ``points``
     recorded counts spaced evenly on a log scale). Columns ``generated, measured_bytes,
     predicted_leak_bytes, predicted_kv_bytes, predicted_bytes`` (their sum) and ``ratio`` (measured /
     predicted).
@@ -398,7 +398,7 @@ def peak_breakdown(results: RecordedResults, run_id: str) -> dict[str, float]:
 
     ``start_bytes`` (allocated before the run: the weights), ``kv_bytes`` (the cache at the end), the
     last step's measured working set (``step_transient_bytes``: its peak above what was allocated before
-    it) and the analytic one (:func:`~kvlab.memmodel.step_transient_bytes`); ``predicted_peak_bytes`` =
+    it) and the analytic one (:func:`~kvlab.study.memmodel.step_transient_bytes`); ``predicted_peak_bytes`` =
     start + KV + analytic step, and ``peak_over_predicted``.
     """
     run = results.run(run_id)

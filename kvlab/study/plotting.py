@@ -2,8 +2,8 @@
 
 Every function returns a matplotlib ``Figure`` (drawn with the object API, so nothing depends on
 pyplot's global state), puts MiB and tokens/steps on its axes, and titles itself with the config when
-one is given. The inputs are the tidy tables of :mod:`kvlab.memtrace`, :mod:`kvlab.rss` and
-:mod:`kvlab.memmodel`.
+one is given. The inputs are the tidy tables of :mod:`kvlab.memory.trace`, :mod:`kvlab.memory.rss` and
+:mod:`kvlab.study.memmodel`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from .memmodel import fit_growth
-from .memtrace import MiB
+from kvlab.memory.trace import MiB
 
 __all__ = ["describe", "plot_timeline", "plot_by_site", "plot_scaling"]
 
@@ -43,8 +43,8 @@ def plot_timeline(tracer: Any = None, rss: Any = None, *, config: Any = None, ti
                   marker_every: int | None = None, **labels: Any) -> Figure:
     """Memory (MiB) against decode step.
 
-    ``tracer``: a :class:`~kvlab.memtrace.MemoryTracer` or its ``timeline()`` table — plots live bytes
-    at each step's end and the peak inside each step. ``rss``: a :class:`~kvlab.rss.RSSTimeline` —
+    ``tracer``: a :class:`~kvlab.memory.trace.MemoryTracer` or its ``timeline()`` table — plots live bytes
+    at each step's end and the peak inside each step. ``rss``: a :class:`~kvlab.memory.rss.RSSTimeline` —
     plots RSS growth over the run, each sample placed between the step marks, with a dot at each mark.
     ``labels`` (``loader="trainable"``, ``cache="concat"`` ...) go into the title.
     """

@@ -346,7 +346,7 @@ def validate_checkpoint(directory: str | Path, expected_dtype: torch.dtype | str
     a usable one gives a report whose findings are what a loader should know (redundant tensors, an
     unexpected dtype). No tensor data is read.
     """
-    from .checkpoint import inspect_checkpoint
+    from kvlab.checkpoint import inspect_checkpoint
 
     expected_dtype = as_dtype(expected_dtype)
     info = inspect_checkpoint(directory)

@@ -1,6 +1,6 @@
 """Exact tensor-memory accounting for any PyTorch decode loop, attributed to the code that allocated it.
 
-RSS (see :mod:`kvlab.rss`) says *that* memory grows; this module says *which tensors* it is and *where*
+RSS (see :mod:`kvlab.memory.rss`) says *that* memory grows; this module says *which tensors* it is and *where*
 they were allocated, to the byte. :class:`MemoryTracer` is a ``TorchDispatchMode``: it sees every aten
 op's outputs, registers each storage it has not seen before, and learns of the storage's death through
 a weak reference to its Python object. PyTorch keeps a storage's Python object alive for as long as the
@@ -8,7 +8,7 @@ C++ storage lives (also when only autograd's saved variables hold it), so the we
 exactly when the memory is returned to the allocator. Views, in-place ops and ``_unsafe_view`` outputs
 share a storage already registered and cost nothing.
 
-Every allocation is charged to a *site*: the innermost open :func:`kvlab.sites.site` region in kvlab's
+Every allocation is charged to a *site*: the innermost open :func:`kvlab.memory.regions.site` region in kvlab's
 model, or, for code without regions (transformers' models, a hand-written loop), the innermost Python
 frame outside PyTorch ("modeling_mistral.py:120 repeat_kv"), as a heap profiler would. Decode steps are
 delimited by :meth:`MemoryTracer.mark_step`, which has the signature of ``generate``'s ``on_step``.
@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .sites import _stack as _site_stack  # read directly on the hot path: one less call per allocation
+from .regions import _stack as _site_stack  # read directly on the hot path: one less call per allocation
 
 __all__ = [
     "MemoryTracer", "TracerError", "trace_memory", "caller_site", "chain_callbacks",
@@ -69,7 +69,7 @@ class TracerError(RuntimeError):
 # --------------------------------------------------------------------------------------------- sites
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 _STDLIB_DIR = os.path.dirname(contextlib.__file__) + os.sep
-# kvlab's own tooling files: never the "caller" of an allocation (kvlab.retention adds itself).
+# kvlab's own tooling files: never the "caller" of an allocation (kvlab.memory.retention adds itself).
 TOOL_FILES: set[str] = {__file__}
 _code_skip: dict[Any, str | None] = {}  # code object -> None (skip) or "dir/file.py" label prefix
 
@@ -92,7 +92,7 @@ def _frame_label(code: Any) -> str | None:
 def caller_site(depth: int = 1) -> str:
     """The innermost Python frame outside PyTorch and the standard library, as ``"dir/file.py:line function"``.
 
-    This is how allocations in models without :func:`kvlab.sites.site` regions are attributed: the line
+    This is how allocations in models without :func:`kvlab.memory.regions.site` regions are attributed: the line
     of model code that called into PyTorch. ``depth`` frames are skipped first (this function's caller).
     """
     frame = sys._getframe(depth)
@@ -505,7 +505,7 @@ class MemoryTracer:
 
     def alive_at_end(self) -> pd.DataFrame:
         """Every storage still alive at :meth:`stop`: ``site, step`` (when it was allocated), ``bytes`` and
-        ``ptr`` (its address, which :func:`kvlab.retention.explain` uses to name the site of saved tensors)."""
+        ``ptr`` (its address, which :func:`kvlab.memory.retention.explain` uses to name the site of saved tensors)."""
         if self._end_rows is None:
             raise TracerError("alive_at_end() is available once the tracer has stopped")
         return pd.DataFrame(self._end_rows, columns=["site", "step", "bytes", "ptr"])
@@ -549,7 +549,7 @@ def rss_vs_exact(run: Callable[[Callable[[Any], None]], Any], *, untraced_first:
     same tensors) gives the exact bytes.
 
     Why the two differ, and why to run this in a fresh process with ``MALLOC_MMAP_THRESHOLD_=65536``
-    (see :func:`kvlab.rss.honest_malloc_env`): glibc serves blocks above its mmap threshold with
+    (see :func:`kvlab.memory.rss.honest_malloc_env`): glibc serves blocks above its mmap threshold with
     ``mmap`` and returns them to the OS on free, but after freeing a large block it *raises* that
     threshold, so later large tensors come from the heap, whose freed pages stay resident. RSS then
     counts memory that no tensor holds. Fixing the threshold keeps large tensors on ``mmap``. What
@@ -606,7 +606,7 @@ def cuda_memory_snapshot(html_path: str | Path, pickle_path: str | Path | None =
     when it is most useful, e.g. after an out-of-memory error).
 
     The allocator's view names allocation stacks (``repeat_kv``, ``cat``), not why memory stays
-    alive: use :mod:`kvlab.retention` for that. CPU builds have no allocator history: raises
+    alive: use :mod:`kvlab.memory.retention` for that. CPU builds have no allocator history: raises
     :class:`TracerError`.
     """
     global _snapshot_active

@@ -5,7 +5,7 @@ process, and the loop marks each decode step through a callback (``generate``'s 
 records the time and the RSS at that instant. The result is two tidy tables: the samples, each placed
 on a fractional decode-step axis, and one row per step.
 
-RSS mixes the allocator's behaviour into the signal (see :func:`kvlab.memtrace.rss_vs_exact`): glibc
+RSS mixes the allocator's behaviour into the signal (see :func:`kvlab.memory.trace.rss_vs_exact`): glibc
 keeps freed heap pages resident, so RSS can stay high after tensors die. :func:`honest_malloc_env`
 gives the environment for a child process in which large tensors come and go with ``mmap``, so that
 RSS follows the tensors; :func:`run_python` runs code in such a process.
@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import psutil
 
-from .memtrace import MiB, _step_index
+from .trace import MiB, _step_index
 
 __all__ = ["rss_bytes", "RSSTimeline", "rss_timeline", "honest_malloc_env", "run_python"]
 

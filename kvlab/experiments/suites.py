@@ -16,7 +16,7 @@ the suites named by ``--suites``:
 - ``incident``: traced runs at the incident's length (~140 tokens): live bytes by site.
 
 Every decode step of every run is one row of ``steps.csv`` (memory, peak since the previous step, time,
-and with ``--trace`` the exact live bytes by :mod:`kvlab.sites` region); ``runs.csv`` has one row per
+and with ``--trace`` the exact live bytes by :mod:`kvlab.memory.regions` region); ``runs.csv`` has one row per
 run; ``meta.json`` holds the environment, the command, the config and the suite-level results. All
 three are rewritten after every run, so an interrupted session still leaves its data. An out-of-memory
 error ends that run only: the step is recorded, memory is freed, the next run starts.
@@ -25,7 +25,7 @@ On a CPU the same entry point runs at small scale (``--preset tiny --device cpu 
 allocator counters are then empty and ``live_bytes`` (always traced on CPU) is the memory measure.
 
 ``--summarize DIR [DIR ...] --out OUT`` runs nothing: it reads result folders and sets them against the
-analytic model of :mod:`kvlab.memmodel` (``leak_vs_model.csv``, ``incident_by_site.csv``, ``summary.json``).
+analytic model of :mod:`kvlab.study.memmodel` (``leak_vs_model.csv``, ``incident_by_site.csv``, ``summary.json``).
 """
 
 from __future__ import annotations
@@ -49,12 +49,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .cache import KVCache, kv_bytes, make_cache
-from .checkpoint import random_state_dict
-from .config import DTYPES, MistralConfig, preset
-from .fastpath import FastDecoder, sync
-from .generate import generate
-from .loaders import model_for_loader
+from kvlab.caches import KVCache, kv_bytes, make_cache
+from kvlab.checkpoint import random_state_dict
+from kvlab.config import DTYPES, MistralConfig, preset
+from kvlab.fastpath import FastDecoder, sync
+from kvlab.generate import generate
+from kvlab.loaders import model_for_loader
 
 OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 GiB = 1024 ** 3
@@ -95,8 +95,8 @@ def cache_impl(cache: KVCache | None) -> str:
 
 # ----------------------------------------------------------------------------- exact live bytes by site
 def make_tracer(device: torch.device) -> Any:
-    """kvlab's exact tracer: live tensor bytes by :mod:`kvlab.sites` region (foreign code: by Python frame)."""
-    from .memtrace import MemoryTracer
+    """kvlab's exact tracer: live tensor bytes by :mod:`kvlab.memory.regions` region (foreign code: by Python frame)."""
+    from kvlab.memory.trace import MemoryTracer
 
     return MemoryTracer(device=device.type, frames=True)
 
@@ -801,17 +801,17 @@ def _gb(value: Any) -> float | None:
 
 # ----------------------------------------------------------------------------- summary against the model
 def summarize(dirs: list[Path], out: Path) -> dict[str, Any]:
-    """Read result folders written by :func:`main` and set them against :mod:`kvlab.memmodel`.
+    """Read result folders written by :func:`main` and set them against :mod:`kvlab.study.memmodel`.
 
     Writes ``leak_vs_model.csv`` (measured memory beyond the start vs the analytic leak + KV cache, for
     trainable + concat runs), ``incident_by_site.csv`` (live bytes by site vs the model's leak by site)
     and ``summary.json`` (the headline numbers of every folder). Needs no GPU: rerun it any time. The
-    folders are read, and set against the model, by :mod:`kvlab.compare`.
+    folders are read, and set against the model, by :mod:`kvlab.study.sweeps`.
     """
     import pandas as pd
 
-    from .compare import leak_vs_model, load_results, peak_breakdown
-    from .memmodel import leak_by_site, weight_bytes
+    from kvlab.study.sweeps import leak_vs_model, load_results, peak_breakdown
+    from kvlab.study.memmodel import leak_by_site, weight_bytes
 
     leak_rows: list[dict[str, Any]] = []
     site_rows: list[dict[str, Any]] = []
@@ -937,7 +937,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--summarize", type=Path, nargs="+", default=None, metavar="DIR",
-                   help="no runs: read these result folders, compare with kvlab.memmodel, write into --out")
+                   help="no runs: read these result folders, compare with kvlab.study.memmodel, write into --out")
     return p
 
 
@@ -964,9 +964,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 notes={"beyond_start_bytes": "allocated minus allocated before the run's cache existed "
                                              "(CUDA); live tensor bytes created during the run (CPU)",
                        "cuda_peak_step": "max_memory_allocated since the previous step (reset every step)",
-                       "live_<site>": "exact bytes of tensor storages allocated in that kvlab.sites region (or "
+                       "live_<site>": "exact bytes of tensor storages allocated in that kvlab.memory.regions region (or "
                                       "Python frame, outside regions) and alive at the step's end "
-                                      "(kvlab.memtrace.MemoryTracer)"})
+                                      "(kvlab.memory.trace.MemoryTracer)"})
     rec = Recorder(args.out, meta)
     ctx = Context(args, config, device, rec, time.perf_counter())
     ctx.config_name = args.preset  # type: ignore[attr-defined]
@@ -993,5 +993,3 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return meta
 
 
-if __name__ == "__main__":
-    main()

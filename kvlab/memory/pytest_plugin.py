@@ -1,4 +1,4 @@
-"""pytest fixtures for decode-loop memory checks; enable with ``pytest_plugins = ["kvlab.pytest_plugin"]``.
+"""pytest fixtures for decode-loop memory checks; enable with ``pytest_plugins = ["kvlab.memory.pytest_plugin"]``.
 
 ``leak_guard`` turns "this loop must not keep a graph" into one line of a test::
 
@@ -6,9 +6,9 @@
         leak_guard(lambda n: my_decode(model, prompt, n), steps=16)  # fails the test on a leak
 
 The check runs the loop for N and 2N steps and fails when what it keeps grows faster than its KV cache
-(see :func:`kvlab.leakguard.check_decode_leak`); the failure message names the parameters requiring
+(see :func:`kvlab.memory.leakguard.check_decode_leak`); the failure message names the parameters requiring
 grad and how many steps the cache chains together. ``memory_monitor`` gives a started
-:class:`kvlab.monitor.MemoryMonitor` that is stopped when the test ends, pass or fail.
+:class:`kvlab.memory.monitor.MemoryMonitor` that is stopped when the test ends, pass or fail.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from .monitor import MemoryMonitor
 def leak_guard() -> Iterator[Callable[..., LeakReport]]:
     """A function ``leak_guard(run, steps=16, **options) -> LeakReport`` that raises on a leak.
 
-    ``options`` are those of :func:`~kvlab.leakguard.check_decode_leak` (``model``, ``config``, ``rtol``,
+    ``options`` are those of :func:`~kvlab.memory.leakguard.check_decode_leak` (``model``, ``config``, ``rtol``,
     ``raise_on_leak`` ...). Reports of every call are kept on ``leak_guard.reports``. The test's grad
     mode is checked to be unchanged afterwards: a loop under test must not leak global state either.
     """
@@ -46,7 +46,7 @@ def leak_guard() -> Iterator[Callable[..., LeakReport]]:
 
 @pytest.fixture
 def memory_monitor() -> Iterator[MemoryMonitor]:
-    """A running :class:`~kvlab.monitor.MemoryMonitor` (10 ms interval), stopped at teardown."""
+    """A running :class:`~kvlab.memory.monitor.MemoryMonitor` (10 ms interval), stopped at teardown."""
     monitor = MemoryMonitor(interval=0.01)
     with monitor:
         yield monitor
