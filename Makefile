@@ -27,8 +27,14 @@ report: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m kvlab.demo
 
-lab: $(STAMP)
+# JupyterLab is installed once, on top of the rest (again only when pyproject.toml changes).
+LAB_STAMP := $(VENV)/.kvlab-lab-installed
+
+$(LAB_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[lab]"
+	touch $@
+
+lab: $(LAB_STAMP)
 	$(BIN)/jupyter lab notebooks/
 
 clean:

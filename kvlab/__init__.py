@@ -1,9 +1,15 @@
 """kvlab: reproduce, trace, explain and fix the autograd "KV-cache memory leak" of LLM inference.
 
-The pieces, bottom up: :mod:`kvlab.config` (HF-named config, presets), :mod:`kvlab.model` (a
-Mistral-style decoder), :mod:`kvlab.caches` (KV-cache designs), :mod:`kvlab.checkpoint` (HF-layout
-safetensors I/O), :mod:`kvlab.loaders` (the four loaders of the story), :mod:`kvlab.generate` (the
-decode loop), and the memory tools that find the cause.
+Three floors, each importing only the ones below it (the contracts in ``pyproject.toml`` check this):
+
+- **the core**, this package's top level: :mod:`kvlab.config` (HF-named config, presets),
+  :mod:`kvlab.model` (a Mistral-style decoder), :mod:`kvlab.caches` (one file per KV-cache design),
+  :mod:`kvlab.checkpoint` (HF-layout safetensors), :mod:`kvlab.loaders` (the four loaders of the
+  story), :mod:`kvlab.generate` (the decode loop) and :mod:`kvlab.fastpath` (the compiled one);
+- **the memory tools**, :mod:`kvlab.memory`, beside the core and importing nothing else of kvlab, so
+  they serve any PyTorch decode loop: exact tracer, retention explainer, leak guard, validator;
+- **the study**, :mod:`kvlab.study` (measured runs, analytic model, plots, recorded results), with
+  :mod:`kvlab.experiments` (GPU-scale suites) and the fronts (:mod:`kvlab.cli`, reports) on top.
 """
 
 from .config import MistralConfig, preset

@@ -2,101 +2,120 @@
 
 Exit codes are meant for scripts and CI: **0** the command did what was asked and every check passed,
 **1** a check failed (validation found an error, a leak was found with ``--fail-on-leak``, the demo
-did not show the expected contrast), **2** bad input or usage (unknown option, a checkpoint that
-cannot be read, a device that is not there). Messages for 1 and 2 go to stderr and name the file or
-option at fault.
+did not show the expected contrast), **2** bad input or usage (unknown option, a value out of range, a
+checkpoint that cannot be read, a folder that cannot be written, a device that is not there). Messages
+for 1 and 2 go to stderr, one line naming the file or option at fault, never a traceback.
+
+This module only parses and checks arguments; the work is done by the core (checkpoints) and the
+study (:func:`kvlab.study.reproduce.reproduce`). ``report``, ``demo`` and ``diagnose`` parse their own
+options (``kvlab report --help``) and share this module's error handling.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
-import json
-import platform
-import shlex
+import importlib
 import sys
-import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+#: Commands that parse their own options, and the module whose ``main(argv)`` runs them.
+DELEGATED = {"report": "kvlab.report", "demo": "kvlab.demo", "diagnose": "kvlab.diagnose"}
 
 
 class UsageError(Exception):
     """Bad input that the user can fix: reported in one line, exit code 2."""
 
 
-# ---------------------------------------------------------------------------------------- helpers
-def _set_threads(threads: int | None) -> None:
-    if threads is not None:
-        import torch
-
-        if threads < 1:
-            raise UsageError(f"--threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
+# ---------------------------------------------------------------------------------------- argument checks
+def _at_least(option: str, value: int | None, minimum: int) -> None:
+    if value is not None and value < minimum:
+        raise UsageError(f"{option} must be at least {minimum}, got {value}")
 
 
 def _device(name: str) -> Any:
+    """The torch device ``--device`` names, refused unless this machine has it."""
     import torch
 
     try:
         device = torch.device(name)
     except RuntimeError as exc:
         raise UsageError(f"--device {name!r}: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available in this build of PyTorch / on this machine")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available in this build of PyTorch / on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name}: kvlab runs on cpu, cuda or mps")
     return device
 
 
-def _preset_config(name: str) -> Any:
-    from .config import PRESETS, preset
+def _preset(name: str) -> None:
+    from .config import PRESETS
 
     if name not in PRESETS:
         raise UsageError(f"--preset {name!r}: choose from {sorted(PRESETS)}")
-    return preset(name)
 
 
-# ---------------------------------------------------------------------------------------- build-checkpoint
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        _at_least("--threads", threads, 1)
+        torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------- commands
 def cmd_build_checkpoint(args: argparse.Namespace) -> int:
-    from .checkpoint import build_checkpoint, random_state_dict, save_checkpoint
+    from .checkpoint_write import save_checkpoint
+    from .config import preset
+    from .synthetic import build_checkpoint, random_state_dict
 
-    config = _preset_config(args.preset)
-    if args.shard_bytes is not None and args.shard_bytes <= 0:
-        raise UsageError(f"--shard-bytes must be positive, got {args.shard_bytes}")
+    _preset(args.preset)
+    _at_least("--seed", args.seed, 0)
+    _at_least("--shard-bytes", args.shard_bytes, 1)
+    if args.out is not None and args.out.is_dir() and not args.overwrite:
+        raise UsageError(f"{args.out}: already exists; pass --overwrite to replace it")
     if args.out is None:
         path = build_checkpoint(args.preset, seed=args.seed, max_shard_bytes=args.shard_bytes, overwrite=args.overwrite)
     else:
+        config = preset(args.preset)
         path = save_checkpoint(random_state_dict(config, args.seed), config, args.out, args.shard_bytes,
                                overwrite=args.overwrite)
     print(path)
     return EXIT_OK
 
 
-# ---------------------------------------------------------------------------------------- validate
 def cmd_validate(args: argparse.Namespace) -> int:
-    from kvlab.memory.trace import fmt_bytes
-    from kvlab.memory.validate import as_dtype, validate_checkpoint, validate_model
+    from kvlab.memory.units import fmt_bytes
+    from kvlab.memory.validate import as_dtype, validate_model
 
+    from .checkpoint import validate_checkpoint
+
+    _at_least("--limit", args.limit, 0)
     try:
         expected_dtype = as_dtype(args.expected_dtype)
     except ValueError as exc:
         raise UsageError(f"--expected-dtype: {exc}") from None
-    path = Path(args.path)
-    report = validate_checkpoint(path, expected_dtype=expected_dtype)
+    device = _device(args.device) if args.loader is not None else None  # before anything prints "OK"
+    report = validate_checkpoint(args.path, expected_dtype=expected_dtype)
     reports = [report]
     print(report.verdict)
     details = ", ".join(f"{k}={fmt_bytes(v) if k == 'bytes' else v}" for k, v in report.details.items())
     print(f"  checkpoint: {details}")
-    if not report.findings.empty:
+    if report.findings:
         print(report.describe(limit=args.limit))
     if args.loader is not None:
         from .loaders import load_model
 
-        model = load_model(path, args.loader, device=_device(args.device))
-        model_report = validate_model(model, expected_dtype=expected_dtype, expected_device=args.device)
-        model_report.subject = f"{path} loaded with loader={args.loader!r}"
+        model = load_model(args.path, args.loader, device=device)
+        model_report = validate_model(model, expected_dtype=expected_dtype, expected_device=device)
+        model_report.subject = f"{args.path} loaded with loader={args.loader!r}"
         reports.append(model_report)
         print(model_report.verdict)
         if not model_report.findings.empty:
@@ -108,133 +127,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# ---------------------------------------------------------------------------------------- reproduce
-@dataclass
-class Reproduction:
-    """What ``kvlab reproduce`` wrote and found."""
-
-    csv: Path
-    png: Path
-    json: Path
-    tokens: list[int]
-    leak: bool
-    meta: dict[str, Any]
-
-
-def reproduce(preset_name: str = "tiny", loader: str = "trainable", cache: str = "concat", tokens: int = 256,
-              out: str | Path = "results", *, seed: int = 0, prompt_len: int = 1, device: str = "cpu",
-              checkpoint: str | Path | None = None, progress: bool = True) -> Reproduction:
-    """Decode ``tokens`` tokens with one loader and cache; write per-step memory (CSV), a plot (PNG), metadata (JSON).
-
-    Per step: exact live tensor bytes and the peak inside the step (:class:`kvlab.memory.trace.MemoryTracer`,
-    weights excluded), the cache's bytes next to the analytic KV size, process RSS and the step time.
-    The verdict compares what the loop keeps after ``tokens // 2`` and ``tokens`` steps with the KV
-    cache's analytic growth (:func:`kvlab.memory.leakguard.compare_retained`). Everything needed to rerun is
-    in the JSON, including the exact command and a hash of the generated tokens.
-    """
-    import pandas as pd
-    import psutil
-    import torch
-
-    from .caches import kv_bytes, make_cache
-    from .checkpoint import build_checkpoint
-    from .generate import Step, generate
-    from kvlab.memory.leakguard import compare_retained, measure_retained
-    from .loaders import LOADERS, load_model
-    from kvlab.memory.trace import MemoryTracer, chain_callbacks
-
-    if loader not in LOADERS:
-        raise UsageError(f"--loader {loader!r}: choose from {list(LOADERS)}")
-    if tokens < 2:
-        raise UsageError(f"--tokens must be at least 2 (memory is compared at tokens/2 and tokens), got {tokens}")
-    if prompt_len < 1:
-        raise UsageError(f"--prompt-len must be at least 1, got {prompt_len}")
-    _preset_config(preset_name)  # a usage error before any work
-    dev = _device(device)
-    directory = Path(checkpoint) if checkpoint is not None else build_checkpoint(preset_name, seed=seed)
-    model = load_model(directory, loader, device=dev)
-    config = model.config
-    try:
-        kv_cache = make_cache(cache, config, batch_size=1, max_tokens=prompt_len + tokens, device=dev)
-    except ValueError as exc:
-        raise UsageError(f"--cache {cache!r}: {exc}") from None
-    generator = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, config.vocab_size, (1, prompt_len), generator=generator).to(dev)
-
-    half = tokens // 2
-    process = psutil.Process()
-    rows: list[dict[str, Any]] = []
-    retained: dict[int, Any] = {}
-    last = time.perf_counter()
-
-    def probe(step: Step) -> None:
-        nonlocal last
-        now = time.perf_counter()
-        seq = step.cache.seq_len if step.cache is not None else prompt_len + step.index
-        row: dict[str, Any] = {"step": step.index, "positions": seq, "step_s": now - last,
-                               "cache_bytes": step.cache.nbytes if step.cache is not None else 0,
-                               "rss_bytes": process.memory_info().rss}
-        with contextlib.suppress(ValueError):  # a design the closed form does not cover
-            row["kv_analytic_bytes"] = kv_bytes(config, 1, seq, kind=cache, max_tokens=prompt_len + tokens)
-        if dev.type == "cuda":
-            row["cuda_allocated_bytes"] = torch.cuda.memory_allocated(dev)
-        if step.index + 1 in (half, tokens):
-            retained[step.index + 1] = measure_retained((step.cache, step.logits), model)
-        rows.append(row)
-        last = time.perf_counter()
-
-    start = time.perf_counter()
-    with MemoryTracer(device=dev.type) as tracer:
-        result = generate(model, prompt, tokens, cache=kv_cache, progress=progress,
-                          on_step=chain_callbacks(tracer.mark_step, probe))
-    seconds = time.perf_counter() - start
-    frame = pd.DataFrame(rows).merge(tracer.timeline()[["step", "live_bytes", "peak_bytes"]], on="step", how="left")
-    # Growth since the first step: the first step also pays one-off costs (thread pools, allocator arenas).
-    frame["rss_growth_bytes"] = frame["rss_bytes"] - frame["rss_bytes"].iloc[0]
-    report = compare_retained(retained[half], retained[tokens], tokens - half, config=config)
-    generated = result.tokens[0, prompt_len:].tolist()
-
-    out = Path(out)
-    stem = out / f"reproduce-{preset_name}-{loader}-{cache}-{tokens}"
-    command = (f"kvlab reproduce --preset {preset_name} --loader {loader} --cache {cache} --tokens {tokens} "
-               f"--seed {seed} --prompt-len {prompt_len} --device {device} --out {shlex.quote(str(out))}"
-               + (f" --checkpoint {shlex.quote(str(directory))}" if checkpoint is not None else ""))
-    meta: dict[str, Any] = {
-        "preset": preset_name, "loader": loader, "cache": cache, "tokens": tokens, "seed": seed,
-        "prompt": prompt[0].tolist(), "device": str(dev), "checkpoint": str(directory),
-        "config": config.to_dict(), "rerun": command, "command": " ".join(map(shlex.quote, sys.argv)),
-        "torch_version": torch.__version__, "python_version": platform.python_version(),
-        "platform": platform.platform(), "threads": torch.get_num_threads(),
-        "generated_tokens": generated, "generated_sha256": hashlib.sha256(json.dumps(generated).encode()).hexdigest(),
-        "seconds": seconds, "verdict": report.verdict, "leak_check": report.as_row(),
-        "explanation": report.explanation, "columns": list(frame.columns),
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    csv_path, json_path, png_path = stem.with_suffix(".csv"), stem.with_suffix(".json"), stem.with_suffix(".png")
-    frame.to_csv(csv_path, index=False)
-    json_path.write_text(json.dumps(meta, indent=2) + "\n")
-    _plot(frame, png_path, config, loader, cache)
-    return Reproduction(csv_path, png_path, json_path, generated, report.leak, meta)
-
-
-def _plot(frame: Any, path: Path, config: Any, loader: str, cache: str) -> None:
-    """The exact timeline (:func:`kvlab.study.plotting.plot_timeline`) with the KV cache and RSS growth added."""
-    from kvlab.study.plotting import plot_timeline
-
-    fig = plot_timeline(frame[["step", "live_bytes", "peak_bytes"]], config=config, loader=loader, cache=cache)
-    ax = fig.axes[0]
-    mib = 2**20
-    ax.plot(frame["step"], frame["cache_bytes"] / mib, color="C2", label="KV cache tensors")
-    if "kv_analytic_bytes" in frame:
-        ax.plot(frame["step"], frame["kv_analytic_bytes"] / mib, ":", color="k", label="KV cache, analytic")
-    ax.plot(frame["step"], frame["rss_growth_bytes"] / mib, color="C3", alpha=0.6, label="RSS growth since step 0")
-    ax.legend(loc="upper left", fontsize=8)
-    fig.savefig(path, dpi=100)
-
-
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from kvlab.memory.trace import fmt_bytes
+    from kvlab.caches import CACHES
+    from kvlab.memory.units import fmt_bytes
+    from kvlab.study.reproduce import reproduce
 
+    _preset(args.preset)
+    if args.cache not in CACHES:
+        raise UsageError(f"--cache {args.cache!r}: choose from {list(CACHES)}")
+    _at_least("--tokens", args.tokens, 2)  # memory is compared at tokens/2 and tokens
+    _at_least("--prompt-len", args.prompt_len, 1)
+    _at_least("--seed", args.seed, 0)
+    _device(args.device)
+    if args.checkpoint is not None and not args.checkpoint.is_dir():
+        raise UsageError(f"--checkpoint {args.checkpoint}: not a checkpoint directory")
     result = reproduce(args.preset, args.loader, args.cache, args.tokens, args.out, seed=args.seed,
                        prompt_len=args.prompt_len, device=args.device, checkpoint=args.checkpoint,
                        progress=not args.quiet)
@@ -270,11 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_build_checkpoint)
 
     p = sub.add_parser("validate", help="validate a checkpoint (and, with --loader, the loaded model)",
-                       description="Check a checkpoint from its headers; with --loader also load it and check "
-                                   "the model for what breaks inference memory (weights requiring grad, "
-                                   "copied ties, meta, mixed dtypes ...). Exit 1 when a check fails, 2 when "
-                                   "the checkpoint cannot be read.")
-    p.add_argument("path", help="checkpoint directory")
+                       description="Check a checkpoint for everything loading checks, from its headers and "
+                                   "tensors; with --loader also load it and check the model for what breaks "
+                                   "inference memory (weights requiring grad, copied ties, meta, mixed dtypes "
+                                   "...). Exit 1 when a check fails, 2 when the checkpoint cannot be used.")
+    p.add_argument("path", type=Path, help="checkpoint directory")
     p.add_argument("--loader", choices=LOADERS, help="also load with this loader and validate the model")
     p.add_argument("--device", default="cpu", help="device to load on (default cpu)")
     p.add_argument("--expected-dtype", help="fail unless weights are this dtype (e.g. bfloat16)")
@@ -300,42 +206,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_reproduce)
 
-    sub.add_parser("report", help="execute the notebooks and render HTML reports (kvlab report --help)",
-                   add_help=False)
-    sub.add_parser("demo", help="the leak vs the fix in a few seconds (kvlab demo --help)", add_help=False)
+    for name, help_text in (("report", "execute the notebooks and render the reports (kvlab report --help)"),
+                            ("demo", "the leak vs the fix in a few seconds (kvlab demo --help)"),
+                            ("diagnose", "diagnose your own decode loop (kvlab diagnose --help)")):
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser
+
+
+def _error_line(command: str, exc: BaseException) -> str:
+    """One line for a failure the user can fix, naming the file or option at fault."""
+    from .errors import CheckpointError
+
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        message = f"error: {where}{exc.strerror or exc}"
+    elif isinstance(exc, CheckpointError) and command != "build-checkpoint":
+        message = f"invalid checkpoint: {exc}"
+    else:
+        message = f"error: {exc}"
+    return f"kvlab {command}: {' '.join(message.split())}"
+
+
+def _run(command: str, work: Callable[[], int]) -> int:
+    """Run a command; bad input (usage errors, unusable checkpoints, unwritable paths) -> one line, exit 2."""
+    from .errors import CheckpointError
+
+    try:
+        return work()
+    except (UsageError, CheckpointError, OSError) as exc:
+        print(_error_line(command, exc), file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"kvlab {command}: interrupted", file=sys.stderr)
+        return 130
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``kvlab`` console script and ``python -m kvlab``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "report":  # delegated whole, so that its own --help and options apply
-        from .report import main as report_main
-
-        return report_main(argv[1:])
-    if argv and argv[0] == "demo":
-        from .demo import main as demo_main
-
-        return demo_main(argv[1:])
+    if argv and argv[0] in DELEGATED:  # delegated whole, so that its own --help and options apply
+        command, rest = argv[0], argv[1:]
+        return _run(command, lambda: importlib.import_module(DELEGATED[command]).main(rest))
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    from .errors import CheckpointError
 
-    try:
+    def work() -> int:
         _set_threads(getattr(args, "threads", None))
         return args.func(args)
-    except UsageError as exc:
-        print(f"kvlab {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except CheckpointError as exc:
-        print(f"kvlab {args.command}: invalid checkpoint: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"kvlab {args.command}: interrupted", file=sys.stderr)
-        return 130
+
+    return _run(args.command, work)
 
 
 if __name__ == "__main__":

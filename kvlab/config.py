@@ -2,6 +2,11 @@
 
 Using HF's names means a downloaded checkpoint's ``config.json`` is read as is, and a kvlab checkpoint
 opens in transformers. Derived sizes (``head_dim``, ``num_key_value_groups``) are computed once.
+
+A ``config.json`` means what it means to transformers, for each ``model_type`` kvlab accepts: a key it
+leaves out takes transformers' default for that model type (:data:`HF_DEFAULTS`), and a Llama model
+attends to every position -- ``LlamaModel`` never applies a sliding window, whatever the file says,
+while a Mistral file without the key gets transformers' 4096.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint_files import read_json
 from .errors import ConfigError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -24,19 +30,36 @@ DTYPES: dict[str, torch.dtype] = {
 
 # Keys an HF Mistral/Llama config.json carries that do not change the computation kvlab does.
 _IGNORED_KEYS = {
-    "architectures", "model_type", "transformers_version", "bos_token_id", "eos_token_id",
+    "architectures", "transformers_version", "bos_token_id", "eos_token_id",
     "pad_token_id", "initializer_range", "use_cache", "attention_dropout", "output_attentions",
-    "output_hidden_states", "return_dict", "_name_or_path", "pretraining_tp", "mlp_bias",
+    "output_hidden_states", "return_dict", "_name_or_path", "pretraining_tp",
     "layer_types", "max_window_layers", "use_sliding_window", "chunk_size_feed_forward",
     "is_encoder_decoder", "id2label", "label2id", "problem_type", "tokenizer_class",
 }
 # Keys whose only accepted value is the one kvlab implements.
 _REQUIRED_VALUES: dict[str, tuple[Any, ...]] = {
     "hidden_act": ("silu",),
-    "model_type": ("mistral", "llama"),
     "rope_scaling": (None,),
     "attention_bias": (False,),
+    "mlp_bias": (False,),
 }
+#: transformers' defaults (its ``MistralConfig`` / ``LlamaConfig``) for the keys a config.json may leave
+#: out, per ``model_type``. Llama has no ``sliding_window`` at all; its ``num_key_value_heads`` defaults
+#: to ``num_attention_heads`` (as does an explicit null for both types).
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mistral": {"head_dim": None, "sliding_window": 4096, "num_key_value_heads": 8, "rms_norm_eps": 1e-6,
+                "rope_theta": 10000.0, "max_position_embeddings": 4096 * 32, "tie_word_embeddings": False},
+    "llama": {"head_dim": None, "num_key_value_heads": None, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+              "max_position_embeddings": 2048, "tie_word_embeddings": False},
+}
+
+
+def dtype_named(name: str) -> torch.dtype:
+    """``"bfloat16"`` (or ``"torch.bfloat16"``) -> ``torch.bfloat16``, for the dtypes kvlab runs in."""
+    try:
+        return DTYPES[name.removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; choose from {sorted(DTYPES)}") from None
 
 
 @dataclass(frozen=True)
@@ -76,7 +99,7 @@ class MistralConfig:
     def dtype(self) -> torch.dtype:
         return DTYPES[self.torch_dtype]
 
-    def replace(self, **changes: Any) -> "MistralConfig":
+    def replace(self, **changes: Any) -> MistralConfig:
         """A copy with some fields changed; a derived ``head_dim`` is derived again."""
         derived = self.head_dim == self.hidden_size // self.num_attention_heads
         if derived and "head_dim" not in changes and {"hidden_size", "num_attention_heads"} & set(changes):
@@ -121,11 +144,16 @@ class MistralConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "MistralConfig":
-        """Build from a ``config.json`` mapping; any unknown or unsupported key is an error."""
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> MistralConfig:
+        """Build from a ``config.json`` mapping with transformers' meaning (see the module docstring);
+        any unknown or unsupported key is an error."""
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
         data = dict(data)
+        model_type = data.pop("model_type", "mistral")
+        if not isinstance(model_type, str) or model_type not in HF_DEFAULTS:
+            raise ConfigError(f"{source}: field 'model_type' must be one of {tuple(HF_DEFAULTS)}; "
+                              f"kvlab implements no other (got {model_type!r})")
         if "torch_dtype" not in data and "dtype" in data:  # transformers >= 5 writes "dtype"
             data["torch_dtype"] = data.pop("dtype")
         data.pop("dtype", None)
@@ -144,37 +172,29 @@ class MistralConfig:
         unknown = sorted(set(data) - known - _IGNORED_KEYS)
         if unknown:
             raise ConfigError(f"{source}: unexpected field(s) {unknown}")
-        missing = sorted(f.name for f in dataclasses.fields(cls)
-                         if f.name not in data and f.name not in _OPTIONAL_FIELDS)
+        if model_type == "llama":
+            data["sliding_window"] = None  # LlamaModel ignores the key: full causal attention
+        for key, value in HF_DEFAULTS[model_type].items():
+            data.setdefault(key, value)
+        if data["num_key_value_heads"] is None and "num_attention_heads" in data:
+            data["num_key_value_heads"] = data["num_attention_heads"]
+        missing = sorted(name for name in known if name not in data and name != "torch_dtype")
         if missing:
             raise ConfigError(f"{source}: missing field(s) {missing}")
         try:
             return cls(**{k: v for k, v in data.items() if k in known})
-        except (ConfigError, TypeError) as exc:  # TypeError: e.g. an unhashable torch_dtype
+        except (ConfigError, TypeError, ValueError) as exc:  # TypeError: e.g. an unhashable torch_dtype
             raise ConfigError(f"{source}: {exc}") from None
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "MistralConfig":
+    def load(cls, path: str | Path) -> MistralConfig:
+        """Read a ``config.json``: a regular file (a FIFO or a directory is refused unopened) of strict JSON."""
         path = Path(path)
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: cannot read config ({exc})") from None
-        try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise ConfigError(f"{path}: not valid JSON ({type(exc).__name__}: {exc})") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json(path, "config.json", ConfigError), source=str(path))
 
-
-# Fields a config.json may leave out (HF defaults apply).
-_OPTIONAL_FIELDS = {"head_dim", "sliding_window", "tie_word_embeddings", "torch_dtype",
-                    "rms_norm_eps", "rope_theta", "max_position_embeddings"}
 
 PRESETS: dict[str, MistralConfig] = {
     # Tests and CPU notebooks: a decode step takes about a millisecond on one core.

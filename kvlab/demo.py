@@ -22,23 +22,23 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .caches import make_cache
-from .checkpoint import build_checkpoint
-from .generate import Step, generate
-from kvlab.memory.leakguard import Retained, compare_retained, measure_retained
-from .loaders import LOADERS, load_model
+from kvlab.caches import CACHES
+from kvlab.config import PRESETS
+from kvlab.loaders import LOADERS, TRAINABLE_LOADERS, load_model
+from kvlab.memory.units import MiB
+from kvlab.study.runs import measure
+from kvlab.synthetic import build_checkpoint
 
-MIB = 2**20
-LEAKING_LOADERS = ("trainable", "threaded")
+LEAKING_LOADERS = TRAINABLE_LOADERS
 
 
 def run_demo(preset: str = "tiny", tokens: int = 256, loaders: Sequence[str] = LOADERS, cache: str = "concat",
              seed: int = 0, root: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
     """One row per loader: retained MiB after ``tokens // 2`` and ``tokens`` tokens, growth ratio, KV MiB, verdict.
 
-    One generation per loader, measured twice on the way (after N and after 2N tokens), is the same
-    as two generations of N and 2N tokens: decoding is deterministic and the cache at step N is the
-    same either way.
+    Each row is one :func:`kvlab.study.runs.measure` run with the kept bytes measured on the way, after
+    N and after 2N tokens: the same as two runs of N and 2N tokens, since decoding is deterministic and
+    the cache at step N is the same either way. No tracer, so the demo takes seconds.
     """
     if tokens < 2:
         raise ValueError(f"tokens must be at least 2, got {tokens}")
@@ -47,30 +47,20 @@ def run_demo(preset: str = "tiny", tokens: int = 256, loaders: Sequence[str] = L
     rows = []
     for loader in tqdm(loaders, desc="loaders", unit="loader", disable=not progress):
         model = load_model(directory, loader)
-        config = model.config
-        kept: dict[int, Retained] = {}
-
-        def probe(step: Step, model: torch.nn.Module = model, kept: dict[int, Retained] = kept) -> None:
-            if step.index + 1 in (half, tokens):
-                kept[step.index + 1] = measure_retained((step.cache, step.logits), model)
-
-        start = time.perf_counter()
-        result = generate(model, torch.tensor([[1]]), tokens, on_step=probe,
-                          cache=make_cache(cache, config, max_tokens=tokens + 1))
-        seconds = time.perf_counter() - start
-        report = compare_retained(kept[half], kept[tokens], tokens - half, config=config)
+        run = measure(model, cache, tokens, loader=loader, seed=seed, trace=False, retained=True)
+        del model  # free this loader's model before the next one loads
+        kept = run.retained
         rows.append({
             "loader": loader,
-            f"retained MiB @{half}": kept[half].total_bytes / MIB,
-            f"retained MiB @{tokens}": kept[tokens].total_bytes / MIB,
-            "growth ratio": report.growth_ratio,
-            "KV cache MiB": kept[tokens].cache_bytes / MIB,
-            "params requiring grad": sum(p.requires_grad for p in model.parameters()),
-            "verdict": report.verdict,
-            "seconds": seconds,
-            "tokens": result.tokens[0, 1:].tolist(),
+            f"retained MiB @{half}": kept[half].total_bytes / MiB,
+            f"retained MiB @{tokens}": kept[tokens].total_bytes / MiB,
+            "growth ratio": run.leak.growth_ratio,
+            "KV cache MiB": kept[tokens].cache_bytes / MiB,
+            "params requiring grad": run.params_requiring_grad,
+            "verdict": run.leak.verdict,
+            "seconds": run.seconds,
+            "tokens": run.generated[0].tolist(),
         })
-        del model, result, kept, probe  # free this loader's model before the next one loads
     return pd.DataFrame(rows)
 
 
@@ -99,23 +89,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     loaders = [name.strip() for name in args.loaders.split(",") if name.strip()]
     unknown = [name for name in loaders if name not in LOADERS]
-    if unknown or args.tokens < 2:
-        problem = f"unknown loader(s) {unknown}; choose from {list(LOADERS)}" if unknown else "--tokens must be >= 2"
+    problem = (f"--loaders: unknown loader(s) {unknown}; choose from {list(LOADERS)}" if unknown or not loaders
+               else f"--preset {args.preset!r}: choose from {sorted(PRESETS)}" if args.preset not in PRESETS
+               else f"--cache {args.cache!r}: choose from {list(CACHES)}" if args.cache not in CACHES
+               else f"--tokens must be at least 2, got {args.tokens}" if args.tokens < 2
+               else f"--threads must be at least 0, got {args.threads}" if args.threads < 0 else None)
+    if problem:
         print(f"kvlab demo: error: {problem}", file=sys.stderr)
-        return 2
-    if args.threads < 0:
-        print("kvlab demo: error: --threads must be >= 0", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    try:
-        table = run_demo(args.preset, args.tokens, loaders, args.cache, progress=not args.quiet)
-    except ValueError as exc:
-        print(f"kvlab demo: error: {exc}", file=sys.stderr)
-        return 2
+    table = run_demo(args.preset, args.tokens, loaders, args.cache, progress=not args.quiet)
     shown = table.drop(columns=["tokens"])
-    print(f"\n{args.preset} model, {args.cache} cache, greedy decode of {args.tokens} tokens from one token:\n")
+    print(f"\n{args.preset} model, {args.cache} cache, greedy decode of {args.tokens} tokens "
+          "from a one-token prompt:\n")
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print("\nA KV cache alone doubles from N to 2N tokens (ratio ~2). Trainable weights make every step record "
           "an autograd graph\nthat the cache's concat chain keeps alive: retained memory grows ~quadratically "

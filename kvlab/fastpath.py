@@ -11,8 +11,13 @@ change to :mod:`kvlab.model`:
   shapes and no host sync; the key positions it returns (-1 for empty slots) make the model's own
   mask hide the unwritten part.
 - Positions are a device tensor, so nothing in the step depends on a Python integer that changes.
-- :func:`greedy_step` (one token in, the greedy next token out) is compiled with
-  ``torch.compile(mode="reduce-overhead", fullgraph=True)``: one graph, replayed as a CUDA graph.
+- The model is rewritten in place by :func:`kvlab.fused.fuse_model` (``fuse=True``, the default): four
+  weight reads per layer instead of seven, RMSNorm, SwiGLU and residual adds inside those reads, and
+  int8 matrices read as int8 by :mod:`kvlab.kernels`' Triton kernel.
+- :func:`greedy_step` (one token in, the greedy next token out) is compiled with ``fullgraph=True`` and
+  ``mode="reduce-overhead"`` (one graph, replayed as a CUDA graph) plus the inductor settings in
+  :data:`TUNING`. ``benchmarks/bench_fast.py`` measures the result against the roofline and
+  transformers and records the settings in force.
 
 ``grouped=True`` gives the GQA-native variant (no ``repeat_kv`` copies), which reads the cache once
 instead of ``n_heads / n_kv_heads`` times. The cache's buffers never require grad; with a trainable
@@ -33,7 +38,36 @@ from torch import Tensor, nn
 from .caches import KVCache, StaticCache, make_cache
 from .config import MistralConfig
 from .errors import CacheOverflowError
+from .fused import fuse_model
 from .generate import choose, prefill
+
+# Inductor settings added to the compile mode's own (gpt-fast's choice). Only the first changes what
+# torch 2.11 does by default; the other two are its defaults, set so that builds with other defaults
+# compile the same way. benchmarks/bench_fast.py records both these and the build's defaults.
+TUNING: dict[str, bool] = {
+    # After inductor's heuristic block sizes, tune each generated kernel's block sizes by coordinate
+    # descent, timing candidates on the device. The decode step is a chain of small reductions
+    # (norms, rotary, softmax, argmax) whose launch shapes the heuristic gets wrong at batch 1. On an
+    # H200 at the Mistral-7B shape it took the unfused fast path from 196.5 to 214.3 tok/s (one lease);
+    # it costs compile time (tens of seconds for 32 layers).
+    "coordinate_descent_tuning": True,
+    # Name each generated kernel after the operations it fuses: profiles and traces become readable.
+    # No effect on the generated code's speed.
+    "triton.unique_kernel_names": True,
+    # Keep compiled graphs in inductor's on-disk cache: a later process compiling the same step
+    # (same model shape, same settings) loads it instead of compiling and tuning again.
+    "fx_graph_cache": True,
+}
+
+
+def compile_options(mode: str | None = "reduce-overhead",
+                    tuning: dict[str, bool] | None = None) -> dict[str, bool]:
+    """Inductor options of ``mode`` ("reduce-overhead": CUDA graphs) plus ``tuning`` (default :data:`TUNING`)."""
+    from torch._inductor import list_mode_options
+
+    options = dict(list_mode_options(mode)) if mode and mode != "default" else {}
+    options.update(TUNING if tuning is None else tuning)
+    return options
 
 
 def sync(device: torch.device) -> None:
@@ -75,13 +109,17 @@ class FastTiming:
 class FastDecoder:
     """Prefill eagerly, then decode with a (optionally) compiled one-token step over a static cache.
 
-    ``compile=None`` compiles on CUDA only. ``mode``/``backend`` go to :func:`torch.compile`
-    (``backend="eager"`` checks that the step traces as one graph without generating code).
+    ``compile=None`` compiles on CUDA only. ``backend`` goes to :func:`torch.compile`
+    (``backend="eager"`` checks that the step traces as one graph without generating code); with
+    inductor, :func:`compile_options` of ``mode`` and ``tuning``. ``fuse=True`` rewrites ``model`` in
+    place with :func:`kvlab.fused.fuse_model` (same function, fused weights; see there).
     """
 
     def __init__(self, model: nn.Module, max_tokens: int, batch_size: int = 1, grouped: bool = True,
                  compile: bool | None = None, mode: str | None = "reduce-overhead",
-                 backend: str = "inductor") -> None:
+                 backend: str = "inductor", fuse: bool = True, tuning: dict[str, bool] | None = None) -> None:
+        if fuse:
+            fuse_model(model)
         weight = model.lm_head.weight
         self.model = model
         self.device = weight.device
@@ -91,11 +129,9 @@ class FastDecoder:
             compile = self.device.type == "cuda"
         self.compiled = compile
         self.step = greedy_step
+        self.options = compile_options(mode, tuning) if compile and backend == "inductor" else {}
         if compile:
-            options = {"fullgraph": True, "backend": backend}
-            if backend == "inductor" and mode is not None:
-                options["mode"] = mode
-            self.step = torch.compile(greedy_step, **options)
+            self.step = torch.compile(greedy_step, fullgraph=True, backend=backend, options=self.options or None)
 
     def _mark_step(self) -> None:
         mark = getattr(getattr(torch, "compiler", None), "cudagraph_mark_step_begin", None)
@@ -134,3 +170,23 @@ class FastDecoder:
             out.append(token)
         sync(self.device)
         return torch.cat([prompt, *out], dim=1), time.perf_counter() - start
+
+
+@torch.no_grad()
+def teacher_forced_agreement(reference: nn.Module, tokens: Tensor, prompt_len: int) -> dict[str, float]:
+    """Compare generated ``tokens`` (B, prompt + new) with ``reference``'s greedy choice on the same prefixes.
+
+    Free-running greedy decodes part ways at the first near-tie and never meet again, so agreement is
+    measured teacher-forced: one cache-free forward pass of ``reference`` over the sequence gives its
+    logits at every position, and at each generated position the chosen token is either the
+    reference's argmax or short of it by ``gap`` (reference max logit minus the chosen token's). The
+    gap is also given in units of the bf16 spacing at the max logit (2**(floor(log2|max|) - 7)), the
+    scale of rounding noise in bf16 logits.
+    """
+    logits = reference(tokens[:, :-1]).float()[:, prompt_len - 1:]  # (B, new, V)
+    chosen = tokens[:, prompt_len:]
+    best = logits.max(dim=-1).values
+    gap = best - logits.gather(-1, chosen[..., None])[..., 0]
+    spacing = torch.exp2(torch.floor(torch.log2(best.abs().clamp_min(1e-30))) - 7)
+    return {"positions": chosen.numel(), "argmax_equal": int((gap == 0).sum()),
+            "max_gap": float(gap.max()), "max_gap_bf16_spacings": float((gap / spacing).max())}

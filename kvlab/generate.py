@@ -8,14 +8,14 @@ is the defence in depth a careful server adds on top of a correct loader.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .caches import KVCache
+from .caches.base import KVCache
 
 
 @dataclass
@@ -77,3 +77,40 @@ def generate(model: nn.Module, prompt: Tensor, max_new_tokens: int, cache: KVCac
             if on_step is not None:
                 on_step(Step(index, next_tokens, logits, cache))
     return Generation(tokens, cache, logits)
+
+
+def generate_ragged(model: nn.Module, prompts: list[list[int]], max_new_tokens: int, cache: KVCache,
+                    *, inference_mode: bool = False) -> list[Tensor]:
+    """Greedy decoding of prompts of different lengths in one batch; returns, per row, the prompt
+    followed by ``max_new_tokens`` tokens (1-D tensors).
+
+    Each prompt is prefilled alone through ``cache.for_sequence(b)`` (no padding tokens ever enter the
+    model), then all rows decode together, row ``b`` at its own position ``len(prompt_b) + step``; key
+    slots a shorter row has not written come back at position -1 and are masked. Like :func:`generate`,
+    grad mode is left alone unless ``inference_mode`` is set. Needs a cache with ``ragged = True``.
+    """
+    if not cache.ragged:
+        cache.for_sequence(0)  # raises the "not supported" error with the list of designs that are
+    if len(prompts) != cache.batch_size:
+        raise ValueError(f"{len(prompts)} prompts for a cache of batch size {cache.batch_size}")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    device = next(model.parameters()).device
+    generated: list[Tensor] = []  # (B, 1) tokens per step
+    with torch.inference_mode() if inference_mode else contextlib.nullcontext():
+        firsts = []
+        for b, prompt in enumerate(prompts):
+            ids = torch.tensor([prompt], device=device)  # (1, T_b)
+            positions = torch.arange(len(prompt), device=device)[None]
+            logits = model(ids, positions=positions, cache=cache.for_sequence(b), last_only=True)[:, -1]
+            firsts.append(choose(logits, 0.0, None))  # (1, 1)
+        tokens = torch.cat(firsts)  # (B, 1)
+        positions = torch.tensor([[len(p)] for p in prompts], device=device)  # (B, 1)
+        if max_new_tokens > 0:
+            generated.append(tokens)
+        for _ in range(max_new_tokens - 1):
+            tokens = choose(model(tokens, positions=positions, cache=cache, last_only=True)[:, -1], 0.0, None)
+            positions = positions + 1
+            generated.append(tokens)
+        new = torch.cat(generated, dim=1).cpu() if generated else torch.empty(len(prompts), 0, dtype=torch.long)
+    return [torch.cat([torch.tensor(p, dtype=torch.long), new[b]]) for b, p in enumerate(prompts)]

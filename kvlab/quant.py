@@ -7,8 +7,9 @@ them: the PyTorch counterpart of "quantized models don't leak" in the incident.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .kernels import fused_linear
 
 
 def quantize_int8(x: Tensor, *, keepdim: bool = False, differentiable: bool = False) -> tuple[Tensor, Tensor]:
@@ -48,7 +49,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale)
 
     @classmethod
-    def from_float(cls, weight: Tensor) -> "Int8Linear":
+    def from_float(cls, weight: Tensor) -> Int8Linear:
         return cls(*quantize_int8(weight))
 
     @property
@@ -60,8 +61,21 @@ class Int8Linear(nn.Module):
         return self.weight.shape[0]
 
     def forward(self, x: Tensor) -> Tensor:
-        # Dequantize on the fly: a transient float copy per call, never kept.
-        return F.linear(x, self.weight.to(x.dtype)) * self.scale.to(x.dtype)
+        # One row on CUDA: a fused kernel reads the int8 weights directly. Otherwise dequantize on the
+        # fly (a transient float copy per call, never kept): ``F.linear(x, W.to(x.dtype)) * scale``.
+        return fused_linear(x, self.weight, self.scale)
+
+
+def quantize_state(state: dict[str, Tensor], names: list[str]) -> None:
+    """Replace each float matrix ``state[name]`` by its int8 copy and add ``<module>.scale``, in place.
+
+    One matrix at a time, and each float matrix leaves ``state`` as its int8 copy enters: when ``state``
+    holds the only reference, float and int8 copies of the weights coexist for one matrix at most.
+    """
+    for name in names:
+        q, scale = quantize_int8(state.pop(name))
+        state[name] = q
+        state[name.removesuffix("weight") + "scale"] = scale
 
 
 def quantize_linears(model: nn.Module) -> nn.Module:

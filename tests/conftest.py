@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -58,3 +59,16 @@ def hf_mistral() -> Callable[..., torch.nn.Module]:
         return transformers.MistralForCausalLM(config).eval()
 
     return make
+
+
+@pytest.fixture(scope="session")
+def rendered_site(tmp_path_factory: pytest.TempPathFactory):
+    """The whole suite executed and rendered once per session (``kvlab.report``), for the notebook and
+    site tests alike. ``KVLAB_REPORTS=reports`` reuses the notebooks ``make report`` executed there and
+    only rebuilds the site from them."""
+    from kvlab.report.cli import NOTEBOOKS, render
+
+    quiet = lambda *args, **kwargs: None  # noqa: E731
+    if os.environ.get("KVLAB_REPORTS"):
+        return render([], Path(os.environ["KVLAB_REPORTS"]), {}, echo=quiet)
+    return render(sorted(NOTEBOOKS.glob("[0-9]*.ipynb")), tmp_path_factory.mktemp("reports"), {}, echo=quiet)

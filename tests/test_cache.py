@@ -9,6 +9,7 @@ recompute the whole sequence every step. (conftest runs each module on one intra
 from __future__ import annotations
 
 import functools
+import math
 import weakref
 
 import pytest
@@ -16,10 +17,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvlab.caches import CACHES, EXACT_CACHES, KVCache, generate_ragged, kv_bytes, make_cache
+from kvlab.caches import CACHES, EXACT_CACHES, KVCache, kv_bytes, make_cache
 from kvlab.config import MistralConfig, preset
 from kvlab.errors import CacheOverflowError
-from kvlab.generate import generate
+from kvlab.generate import generate, generate_ragged
 from kvlab.loaders import random_model
 from kvlab.model import MistralForCausalLM
 
@@ -27,7 +28,7 @@ PROMPT_LEN = 8
 
 
 # ------------------------------------------------------------------------------------------ helpers
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def frozen(config: MistralConfig, seed: int = 0) -> MistralForCausalLM:
     return random_model(config, "inference", seed)
 
@@ -40,7 +41,7 @@ def cache_for(kind: str, config: MistralConfig, batch: int, tokens: int, **optio
     return make_cache(kind, config, batch, max_tokens=tokens, **options)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def reference(config: MistralConfig, batch: int, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """No-cache greedy tokens (B, T+steps) and the logits of every step (steps, B, V)."""
     logits = []
@@ -116,6 +117,52 @@ def test_sliding_prefill_longer_than_the_window(window: int) -> None:
     tokens = generate(model, prompt, 12, cache=cache, inference_mode=True).tokens
     assert torch.equal(tokens, generate(model, prompt, 12, cache=None, inference_mode=True).tokens)
     assert cache.nbytes == kv_bytes(config, 2, 22, kind="sliding")  # the ring, never more
+
+
+def test_registry_is_derived_from_the_designs() -> None:
+    assert all(cls.kind == kind for kind, cls in CACHES.items())
+    assert EXACT_CACHES == tuple(kind for kind in CACHES if kind != "int8")
+    assert {kind for kind, cls in CACHES.items() if cls.ragged} == {"static", "gqa", "sliding", "paged"}
+    assert [kind for kind, cls in CACHES.items() if cls.grouped] == ["gqa"]
+
+
+def allocated_shapes(run) -> list[tuple[int, ...]]:
+    """Shapes of the tensors ops return in new storage (not views of their inputs) while ``run()`` runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shapes = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                      if isinstance(a, torch.Tensor)}
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                    shapes.append(tuple(t.shape))
+            return out
+
+    with Record():
+        run()
+    return shapes
+
+
+@pytest.mark.parametrize("kind", ["gqa", "static"])
+def test_grouped_attention_never_builds_repeat_kv_copies(kind: str) -> None:
+    """A decode step with ``gqa`` allocates nothing of the size of one repeat_kv copy (B, H, S, D);
+    ``static`` (explicit repeat_kv) is the control that shows the check can fail."""
+    config = TWO_LAYERS
+    model, prompt = frozen(config), prompt_for(config, 1, length=64)
+    cache = cache_for(kind, config, 1, 64 + 4, trim=True)
+    with torch.inference_mode():
+        model(prompt, cache=cache)
+        shapes = allocated_shapes(lambda: model(prompt[:, :1], cache=cache, last_only=True))
+    copy = (1, config.num_attention_heads, 65, config.head_dim)  # H heads x the 65 positions now cached
+    as_large = [s for s in shapes if math.prod(s) >= math.prod(copy)]
+    if kind == "gqa":
+        assert as_large == []
+    else:
+        assert as_large.count(copy) == 2 * config.num_hidden_layers  # K and V in every layer
 
 
 # ------------------------------------------------------------------------------------------ sizes
@@ -263,7 +310,8 @@ def leak_profile(kind: str, trainable: bool) -> tuple[list[int], list[object]]:
     sizes, caches = [], []
     for steps in (1, LEAK_N, 2 * LEAK_N):
         cache = cache_for(kind, config, 1, PROMPT_LEN + 2 * LEAK_N)
-        out, held = retained_graph_bytes(lambda: generate(model, prompt_for(config, 1), steps, cache=cache),
+        out, held = retained_graph_bytes(lambda steps=steps, cache=cache: generate(model, prompt_for(config, 1), steps,
+                                                                                   cache=cache),
                                          weights | {t.untyped_storage().data_ptr() for t in cache.tensors()})
         sizes.append(held)
         caches.append(cache)

@@ -1,5 +1,6 @@
-"""kvlab.checkpoint: exact round trips, byte-identical output, transformers parity, and a
-CheckpointError naming the file and tensor or field for every malformed checkpoint, fuzzed included."""
+"""Checkpoints (kvlab.checkpoint reads, kvlab.checkpoint_write writes, kvlab.synthetic builds): exact
+round trips, byte-identical output, transformers parity, and a CheckpointError naming the file and
+tensor or field for every malformed checkpoint, fuzzed included."""
 
 from __future__ import annotations
 
@@ -20,13 +21,21 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from kvlab import checkpoint
+from kvlab import checkpoint_write, synthetic
 from kvlab.checkpoint import (
-    CONFIG_NAME, INDEX_NAME, SINGLE_NAME, build_checkpoint, expected_tensors, inspect_checkpoint,
-    load_state_dict, random_state_dict, read_shard, save_checkpoint,
+    CONFIG_NAME,
+    INDEX_NAME,
+    SINGLE_NAME,
+    expected_tensors,
+    inspect_checkpoint,
+    load_state_dict,
+    read_shard,
 )
+from kvlab.checkpoint_files import DTYPES, TensorEntry
+from kvlab.checkpoint_write import save_checkpoint
 from kvlab.config import MistralConfig, preset
 from kvlab.errors import CheckpointError, ConfigError
+from kvlab.synthetic import build_checkpoint, random_state_dict
 
 SMALL = preset("tiny", num_hidden_layers=2)  # a few MB: round trips, transformers parity
 # A few KB, so that every bad-input and fuzz case can afford to write a whole checkpoint.
@@ -138,7 +147,7 @@ def test_round_trip_exact(tmp_path, max_shard_bytes):
         assert info.shards[0].name == f"model-00001-of-{len(info.shards):05d}.safetensors"
         assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in state.values())
         assert sorted(n for names in info.by_shard().values() for n in names) == sorted(state)
-        for shard, names in info.by_shard().items():  # only a tensor larger than the limit exceeds it
+        for names in info.by_shard().values():  # only a tensor larger than the limit exceeds it
             sizes = [state[name].numel() * state[name].element_size() for name in names]
             assert sum(sizes) <= max_shard_bytes or len(names) == 1
 
@@ -210,7 +219,7 @@ def test_save_validates_before_writing(tmp_path, change, fragment):
 
 
 def test_failed_save_leaves_no_checkpoint(tmp_path, monkeypatch):
-    real, calls = checkpoint.save_file, []
+    real, calls = checkpoint_write.save_file, []
 
     def failing(tensors, path, metadata=None):
         calls.append(path)
@@ -218,7 +227,7 @@ def test_failed_save_leaves_no_checkpoint(tmp_path, monkeypatch):
             raise OSError("disk full")
         real(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(checkpoint, "save_file", failing)
+    monkeypatch.setattr(checkpoint_write, "save_file", failing)
     with pytest.raises(OSError, match="disk full"):
         write(tmp_path / "ckpt", max_shard_bytes=20_000)
     assert list(tmp_path.iterdir()) == []  # neither the checkpoint nor the temporary directory
@@ -253,7 +262,7 @@ def test_build_checkpoint(tmp_path, monkeypatch):
     sharded = build_checkpoint(MINI, root=tmp_path, max_shard_bytes=20_000)
     assert len(inspect_checkpoint(sharded).shards) > 1
     monkeypatch.setenv("KVLAB_DATA", str(tmp_path / "data"))
-    assert checkpoint.default_checkpoint_root() == tmp_path / "data" / "checkpoints"
+    assert synthetic.default_checkpoint_root() == tmp_path / "data" / "checkpoints"
     assert build_checkpoint(MINI) == tmp_path / "data" / "checkpoints" / named.name
 
 
@@ -572,7 +581,7 @@ def test_mistral_7b_layout_validates_from_headers_alone(tmp_path):
     assert len(info.tensors) == 291 and len(info.extras) == 32
     assert sum(math.prod(e.shape) for e in info.tensors.values()) == 7_241_732_096
     lm_head = info.tensors["lm_head.weight"]
-    assert lm_head == checkpoint.TensorEntry(info.shards[1], torch.bfloat16, (32000, 4096))
+    assert lm_head == TensorEntry(info.shards[1], torch.bfloat16, (32000, 4096))
     assert not marker.exists()
 
 
@@ -649,7 +658,7 @@ def test_fuzz_header_fields(tmp_path):
     header = json.loads(raw)
     names = sorted(header)
     field_values = {
-        "dtype": st.sampled_from([*checkpoint.DTYPES, "F32", "f32", "F4", "", "I128"]) | _JSON,
+        "dtype": st.sampled_from([*DTYPES, "F32", "f32", "F4", "", "I128"]) | _JSON,
         "shape": st.lists(st.integers(-2, 70) | _HUGE, max_size=6) | _JSON,
         "data_offsets": st.lists(st.integers(-8, len(data) + 8) | _HUGE, min_size=2, max_size=2) | _JSON,
     }

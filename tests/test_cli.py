@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,11 +10,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from kvlab.cli import main
+from kvlab.config import preset
+from kvlab.errors import CheckpointError
+from kvlab.loaders import load_model
+from kvlab.study import cachecheck
+from kvlab.synthetic import random_state_dict
 
 ROOT = Path(__file__).resolve().parent.parent
-SUBCOMMANDS = ["build-checkpoint", "validate", "reproduce", "report", "demo"]
+SUBCOMMANDS = ["build-checkpoint", "validate", "reproduce", "report", "demo", "diagnose"]
 
 
 pytestmark = pytest.mark.usefixtures("isolated")  # conftest: temporary data folder, one thread
@@ -77,6 +82,89 @@ def test_validate_bad_input_exits_two(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "not a checkpoint directory" in capsys.readouterr().err
 
 
+def one_error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    """The single line a command printed on stderr for bad input (and no traceback anywhere)."""
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err + captured.out, captured.err
+    return lines[0]
+
+
+@pytest.fixture
+def a_file(tmp_path: Path) -> Path:
+    (tmp_path / "a-file").write_text("not a folder")
+    return tmp_path / "a-file"
+
+
+@pytest.mark.parametrize("command", [["build-checkpoint", "--out"], ["reproduce", "--tokens", "4", "--quiet", "--out"]])
+def test_unwritable_out_is_one_line_exit_two(command: list[str], a_file: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    for out in (a_file / "sub", Path("/proc") / "kvlab-test" / "out"):
+        assert exit_code([*command, str(out)]) == 2
+        line = one_error_line(capsys)
+        assert line.startswith(f"kvlab {command[0]}: ") and line.count(str(out)) == 1, line
+
+
+def test_report_of_a_missing_notebook_is_one_line_exit_two(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "missing.ipynb"
+    assert exit_code(["report", str(missing), "--out", str(tmp_path / "out")]) == 2
+    assert one_error_line(capsys).count(str(missing)) == 1
+
+
+def test_bad_values_are_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "tiny"
+    assert exit_code(["build-checkpoint", "--out", str(target)]) == 0
+    capsys.readouterr()
+    for argv, option in ((["validate", str(target), "--limit", "-5"], "--limit"),
+                         (["reproduce", "--prompt-len", "0"], "--prompt-len"),
+                         (["reproduce", "--seed", "-1"], "--seed"),
+                         (["reproduce", "--threads", "0"], "--threads"),
+                         (["build-checkpoint", "--shard-bytes", "0", "--out", str(tmp_path / "x")], "--shard-bytes"),
+                         (["validate", str(target), "--loader", "inference", "--device", "nope"], "--device"),
+                         (["validate", str(target), "--loader", "inference", "--device", "cuda:7"], "--device")):
+        assert exit_code(argv) == 2, argv
+        assert option in one_error_line(capsys)  # and nothing on stdout: no "OK" before the refusal
+
+
+def test_existing_checkpoint_asks_for_the_overwrite_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "tiny"
+    assert exit_code(["build-checkpoint", "--out", str(target)]) == 0
+    capsys.readouterr()
+    assert exit_code(["build-checkpoint", "--out", str(target)]) == 2
+    line = one_error_line(capsys)
+    assert "--overwrite" in line and "overwrite=True" not in line and line.count(str(target)) == 1
+    assert exit_code(["build-checkpoint", "--out", str(target), "--seed", "1", "--overwrite"]) == 0
+
+
+def test_config_json_that_is_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "tiny"
+    assert exit_code(["build-checkpoint", "--out", str(target)]) == 0
+    (target / "config.json").unlink()
+    (target / "config.json").mkdir()
+    capsys.readouterr()
+    for argv in (["validate", str(target)], ["reproduce", "--checkpoint", str(target), "--tokens", "4", "--quiet",
+                                             "--out", str(tmp_path / "out")]):
+        assert exit_code(argv) == 2
+        line = one_error_line(capsys)
+        assert "directory" in line and "missing" not in line and line.count(str(target / "config.json")) == 1, line
+
+
+def test_validate_checks_what_loading_checks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A tied checkpoint that also stores a *different* lm_head: loading refuses it, so validation must."""
+    config = preset("tiny").replace(tie_word_embeddings=True)
+    state = random_state_dict(config)
+    state["lm_head.weight"] = state["model.embed_tokens.weight"] + 1
+    target = tmp_path / "tied"
+    target.mkdir()
+    (target / "config.json").write_text(json.dumps(config.to_dict()))
+    save_file(state, target / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="lm_head"):
+        load_model(target, "inference")
+    assert exit_code(["validate", str(target)]) != 0
+    captured = capsys.readouterr()
+    assert "lm_head" in captured.err and "OK" not in captured.out
+
+
 def test_reproduce_writes_csv_png_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     tokens = 12
     assert exit_code(["reproduce", "--preset", "tiny", "--loader", "trainable", "--cache", "concat",
@@ -105,35 +193,28 @@ def test_reproduce_on_cuda_skips_cleanly_without_a_gpu(tmp_path: Path, capsys: p
     assert "CUDA is not available" in capsys.readouterr().err
 
 
-def test_demo(capsys: pytest.CaptureFixture[str]) -> None:
-    assert exit_code(["demo", "--tokens", "8", "--loaders", "trainable,inference", "--quiet"]) == 0
-    out = capsys.readouterr().out
-    assert "LEAK" in out and " ok " in out
-    assert exit_code(["demo", "--loaders", "bogus"]) == 2
-
-
-def _bench() -> object:
-    spec = importlib.util.spec_from_file_location("bench_cache_change", ROOT / "benchmarks" / "bench_cache_change.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cache_benchmark_baseline_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    bench = _bench()
     baseline = tmp_path / "base.json"
     small = ["--caches", "concat,static", "--tokens", "6", "--prompt-len", "4", "--repeats", "1"]
-    assert bench.main(["--save-baseline", str(baseline), *small]) == 0
+    assert cachecheck.main(["--save-baseline", str(baseline), *small]) == 0
     saved = json.loads(baseline.read_text())
     assert set(saved["results"]) == {"concat", "static"} and saved["meta"]["tokens"] == 6
     # Same code: memory and tokens are identical; speed within a generous tolerance (busy test machines).
-    assert bench.main(["--baseline", str(baseline), *small, "--tolerance", "0.95"]) == 0
+    assert cachecheck.main(["--baseline", str(baseline), *small, "--tolerance", "0.95"]) == 0
     assert "ok" in capsys.readouterr().out
     saved["results"]["concat"]["tokens_per_s"] *= 1000  # pretend the baseline was far faster
     saved["results"]["static"]["peak_bytes"] //= 2  # and used half the memory
     baseline.write_text(json.dumps(saved))
-    assert bench.main(["--baseline", str(baseline), *small, "--tolerance", "0.5"]) == 1
+    assert cachecheck.main(["--baseline", str(baseline), *small, "--tolerance", "0.5"]) == 1
     table = capsys.readouterr().out
     assert "SLOWER" in table and "MORE MEMORY" in table
     baseline.write_text("{not json")
-    assert bench.main(["--baseline", str(baseline), *small]) == 2
+    assert cachecheck.main(["--baseline", str(baseline), *small]) == 2
+
+
+def test_benchmark_scripts_run_the_study_entry_points() -> None:
+    """The benchmark script is the same command as the study's module (no code of its own to drift)."""
+    for module in ("kvlab.study.cachecheck", None):
+        argv = ["-m", module] if module else [str(ROOT / "benchmarks" / "bench_cache_change.py")]
+        done = subprocess.run([sys.executable, *argv, "--help"], capture_output=True, text=True, cwd=ROOT)
+        assert done.returncode == 0 and "--save-baseline" in done.stdout, done.stderr

@@ -1,4 +1,5 @@
-"""kvlab.study.sweeps: the cache-design sweeps on the tiny preset, and the readers of recorded results."""
+"""kvlab.study.sweeps (the cache-design sweeps on the tiny preset) and kvlab.study.results (the readers of
+recorded results, among them the committed GPU runs)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,11 @@ import pytest
 import torch
 
 from kvlab.caches import EXACT_CACHES, kv_bytes
-from kvlab.study.sweeps import (
-    leak_vs_model, load_results, peak_breakdown, ragged_batch, random_prompt, speed_summary, sweep_caches,
-    time_caches, token_agreement, usable_caches,
-)
 from kvlab.config import preset
 from kvlab.loaders import random_model
+from kvlab.study.probes import prompt_ids
+from kvlab.study.results import leak_vs_model, load_results, peak_breakdown, speed_summary
+from kvlab.study.sweeps import ragged_batch, sweep_caches, time_caches, token_agreement, usable_caches
 
 GPU_DATA = Path(__file__).resolve().parent.parent / "data" / "gpu"
 CONFIG = preset("tiny", sliding_window=8)
@@ -32,7 +32,7 @@ def test_usable_caches_drops_sliding_without_a_window() -> None:
 
 
 def test_exact_caches_agree_with_the_no_cache_run(model: torch.nn.Module) -> None:
-    table = token_agreement(model, random_prompt(CONFIG, 2, 4), 12).set_index("cache")
+    table = token_agreement(model, prompt_ids(CONFIG.vocab_size, 4, batch=2), 12).set_index("cache")
     exact = [c for c in table.index if c in EXACT_CACHES]
     assert table.loc[exact, "tokens_equal"].all()
     assert (table.loc[exact, "max_abs_logit_error"] < 1e-4).all()
@@ -111,3 +111,6 @@ def test_recorded_gpu_results_agree_with_the_analytic_model() -> None:
     assert abs(peak_breakdown(results, fixed)["peak_over_predicted"] - 1) < 0.01
     speed = speed_summary(results)
     assert set(speed["library"]) == {"kvlab", "transformers"} and speed["roofline_share"].between(0, 1).all()
+    # The rerun commands point at the folders, relative to the repository root they are run from.
+    for name, command in results.commands().items():
+        assert f"--out data/gpu/{name}" in command, command

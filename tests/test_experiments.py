@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from kvlab.caches import ConcatCache
-from kvlab.checkpoint import random_state_dict
 from kvlab.config import preset
-from kvlab.experiments.suites import main
+from kvlab.experiments.command import main, run_experiments
 from kvlab.fastpath import FastDecoder, fast_cache
 from kvlab.generate import generate
 from kvlab.loaders import random_model
+from kvlab.study.runs import measure
+from kvlab.synthetic import random_state_dict
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -20,8 +21,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("experiments")
-    meta = main(["--preset", "tiny", "--device", "cpu", "--tokens", "32", "--out", str(out), "--no-progress",
-                 "--suites", "compare,leak,incident", "--caches", "concat", "--incident-tokens", "16"])
+    meta = run_experiments(["--preset", "tiny", "--device", "cpu", "--tokens", "32", "--out", str(out),
+                            "--no-progress", "--suites", "compare,leak,incident", "--caches", "concat",
+                            "--incident-tokens", "16"])
     return out, meta
 
 
@@ -57,8 +59,42 @@ def test_trainable_retains_memory_and_the_fix_does_not(cpu_run) -> None:
     # on top of a per-token constant that dominates at this tiny scale).
     steps = pd.read_csv(out / "steps.csv")
     leak = steps[steps["run_id"] == "leak:kvlab:float32:trainable:concat:32"].set_index("generated")
-    first, second = leak.loc[16, "beyond_start_bytes"], leak.loc[32, "beyond_start_bytes"] - leak.loc[16, "beyond_start_bytes"]
+    first = leak.loc[16, "beyond_start_bytes"]
+    second = leak.loc[32, "beyond_start_bytes"] - first
     assert second > 1.25 * first
+
+
+def test_a_recorded_run_is_the_studys_measured_run(cpu_run) -> None:
+    """The suites record :func:`kvlab.study.runs.measure`: the same prompt, the same bytes, the same tokens."""
+    out, _ = cpu_run
+    steps = pd.read_csv(out / "steps.csv")
+    recorded = steps[steps["run_id"] == "leak:kvlab:float32:trainable:concat:32"].set_index("step")
+    run = measure(random_model("tiny", "trainable"), "concat", 32, prompt_len=8)
+    assert (recorded["live_bytes"] == run.timeline.set_index("step")["live_bytes"]).all()
+    assert (recorded["kv_bytes"] == run.timeline.set_index("step")["cache_bytes"]).all()
+
+
+def test_a_capped_run_keeps_its_steps(tmp_path) -> None:
+    """A run past --run-cap-s ends as "capped" with every step it made recorded; the session goes on."""
+    meta = run_experiments(["--preset", "tiny", "--device", "cpu", "--out", str(tmp_path), "--no-progress",
+                            "--suites", "leak", "--runs", "float32:inference:concat:100000",
+                            "float32:inference:concat:8", "--run-cap-s", "1"])
+    assert not meta.get("suite_errors")
+    runs = pd.read_csv(tmp_path / "runs.csv").set_index("run_id")
+    capped = runs.loc["leak:kvlab:float32:inference:concat:100000"]
+    assert capped["status"] == "capped" and 0 < capped["tokens_done"] < 100000
+    steps = pd.read_csv(tmp_path / "steps.csv")
+    assert (steps["run_id"] == capped.name).sum() == capped["tokens_done"]
+    assert runs.loc["leak:kvlab:float32:inference:concat:8", "status"] == "ok"
+
+
+@pytest.mark.parametrize("argv", [["--suites", "nope"], ["--runs", "float32:trainable"], ["--loaders", "x"],
+                                  ["--summarize", "no-such-folder"], ["--tokens", "0"]])
+def test_bad_options_are_one_line_exit_two(argv: list[str], tmp_path, capsys) -> None:
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("python -m kvlab.experiments: error:"), err
+    assert not any(tmp_path.iterdir())  # refused before anything ran
 
 
 def test_incident_table_by_site(cpu_run) -> None:
@@ -73,7 +109,7 @@ def test_incident_table_by_site(cpu_run) -> None:
 
 def test_summary_matches_the_analytic_leak_model(cpu_run, tmp_path) -> None:
     out, _ = cpu_run
-    summary = main(["--summarize", str(out), "--out", str(tmp_path)])
+    summary = run_experiments(["--summarize", str(out), "--out", str(tmp_path)])
     vs_model = pd.read_csv(tmp_path / "leak_vs_model.csv")
     trainable = vs_model[vs_model["run_id"] == "leak:kvlab:float32:trainable:concat:32"]
     assert list(trainable["generated"]) == [16, 32]
@@ -96,7 +132,7 @@ def test_random_weights_scale() -> None:
 
 @pytest.mark.parametrize("grouped", [True, False])
 def test_fast_path_traces_as_one_graph_and_matches_eager(grouped: bool) -> None:
-    """fullgraph=True fails on any graph break, so this also checks that kvlab.memory.regions regions trace."""
+    """fullgraph=True fails on any graph break, so this also checks that record_function regions trace."""
     config = preset("tiny")
     model = random_model(config, "inference")
     prompt = torch.tensor([[5, 6, 7]])
@@ -119,8 +155,8 @@ def test_static_cache_is_a_drop_in_for_generate() -> None:
 
 def test_transformers_side_by_side(tmp_path) -> None:
     pytest.importorskip("transformers")
-    meta = main(["--preset", "tiny", "--device", "cpu", "--tokens", "16", "--out", str(tmp_path), "--no-progress",
-                 "--suites", "parity,hf", "--hf-leak-points", "8,16", "--no-hf-generate"])
+    meta = run_experiments(["--preset", "tiny", "--device", "cpu", "--tokens", "16", "--out", str(tmp_path),
+                            "--no-progress", "--suites", "parity,hf", "--hf-leak-points", "8,16", "--no-hf-generate"])
     assert not meta.get("suite_errors"), meta.get("suite_errors")
     eager = next(p for p in meta["hf_parity"] if p["hf_attn"] == "eager")
     assert eager["max_abs_logit_diff"] < 1e-4 and eager["argmax_agreement"] == 1.0
@@ -133,8 +169,8 @@ def test_transformers_side_by_side(tmp_path) -> None:
 
 @cuda
 def test_cuda_smoke(tmp_path) -> None:
-    meta = main(["--preset", "tiny", "--device", "cuda", "--tokens", "32", "--out", str(tmp_path), "--no-progress",
-                 "--suites", "bandwidth,leak", "--caches", "concat", "--copy-gib", "0.25"])
+    meta = run_experiments(["--preset", "tiny", "--device", "cuda", "--tokens", "32", "--out", str(tmp_path),
+                            "--no-progress", "--suites", "bandwidth,leak", "--caches", "concat", "--copy-gib", "0.25"])
     assert meta["bandwidth"]["bandwidth_Bps"] > 1e10
     runs = pd.read_csv(tmp_path / "runs.csv").set_index("loader")
     assert runs.loc["trainable", "final_beyond_start"] > runs.loc["inference", "final_beyond_start"]

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from kvlab.caches import ConcatCache
-from kvlab.checkpoint import build_checkpoint
 from kvlab.errors import CheckpointError
 from kvlab.generate import generate
-from kvlab.memory.leakguard import kv_bytes_per_token, measure_retained
 from kvlab.loaders import LOADERS, load_model
+from kvlab.memory.leakguard import kv_bytes_per_token, measure_retained
 from kvlab.quant import Int8Linear
+from kvlab.synthetic import build_checkpoint
 
 PROMPT = torch.tensor([[1, 2, 3, 4]])
 N = 48  # retained memory is measured after N and 2N decode steps

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from kvlab.caches import ConcatCache
-from kvlab.checkpoint import random_state_dict
 from kvlab.config import preset
 from kvlab.generate import generate
 from kvlab.loaders import build_model
-from kvlab.model import repeat_kv
+from kvlab.model import region, repeat_kv
+from kvlab.synthetic import random_state_dict
 
 
 def frozen_model(**overrides):
@@ -17,9 +17,15 @@ def frozen_model(**overrides):
 
 
 @pytest.mark.parametrize("n_rep", [1, 2, 4])
-def test_repeat_kv_equals_repeat_interleave(n_rep: int) -> None:
-    x = torch.randn(2, 3, 5, 8)
-    assert torch.equal(repeat_kv(x, n_rep), torch.repeat_interleave(x, n_rep, dim=1))
+@pytest.mark.parametrize("kv_heads", [1, 3])
+def test_repeat_kv_equals_repeat_interleave(n_rep: int, kv_heads: int) -> None:
+    x = torch.randn(2, kv_heads, 5, 8)
+    out = repeat_kv(x, n_rep)
+    assert torch.equal(out, torch.repeat_interleave(x, n_rep, dim=1))
+    # What its docstring promises about memory: a copy only with several KV heads and n_rep > 1.
+    shares = out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    assert shares == (n_rep == 1 or kv_heads == 1)
+    assert (out is x) == (n_rep == 1)
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -59,3 +65,28 @@ def test_logits_match_transformers() -> None:
     with torch.no_grad():
         diff = (ours(ids) - theirs(ids).logits).abs().max().item()
     assert diff < 1e-4, diff
+
+
+def test_regions_are_opened_only_while_observed() -> None:
+    """A dispatch mode (kvlab's memory tools) and the profiler see every region; unobserved, none is
+    opened (they would cost about a third of a tiny decode step)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model, ids = frozen_model(), torch.tensor([[3, 1, 4, 1]])
+    names: list[str] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func).startswith("profiler._record_function_enter_new"):
+                names.append(args[0])
+            return func(*args, **(kwargs or {}))
+
+    assert region("mlp") is region("attention")  # the shared no-op
+    with torch.no_grad(), Record():
+        model(ids, cache=ConcatCache(model.config.num_hidden_layers))
+    layers = model.config.num_hidden_layers
+    assert sorted(set(names)) == ["attention", "cache", "embed", "lm_head", "mlp", "norm", "repeat_kv"]
+    assert names.count("repeat_kv") == names.count("cache") == layers and names.count("norm") == 2 * layers + 1
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        model(ids)
+    assert {"attention", "mlp", "repeat_kv", "lm_head"} <= {event.key for event in prof.key_averages()}

@@ -9,13 +9,11 @@ import time
 
 import pytest
 import torch
+from torch.profiler import record_function
 
-from kvlab.memory.trace import MemoryTracer
 from kvlab.memory.monitor import Alarm, MemoryMonitor
-from kvlab.memory.regions import site
-
-
-MIB = 2**20
+from kvlab.memory.trace import MemoryTracer
+from kvlab.memory.units import MiB as MIB
 
 
 def wait_for(condition, timeout: float = 5.0) -> bool:
@@ -59,7 +57,7 @@ def test_threshold_and_rate_alarms_fire(caplog: pytest.LogCaptureFixture) -> Non
 def test_alarm_names_top_sites_when_an_exact_tracer_is_active() -> None:
     fired: list[Alarm] = []
     with MemoryMonitor(interval=0.005, threshold_bytes=32 * MIB, callback=fired.append), MemoryTracer(frames=False):
-        with site("big_buffer"):
+        with record_function("big_buffer"):
             block = torch.empty(128 * MIB // 4)  # registered by the tracer now, resident only once written
         block.fill_(1.0)
         assert wait_for(lambda: bool(fired))

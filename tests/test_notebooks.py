@@ -20,17 +20,18 @@ def test_there_are_notebooks() -> None:
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_committed_without_outputs(path: Path) -> None:
     cells = json.loads(path.read_text())["cells"]
-    dirty = [i for i, c in enumerate(cells) if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count"))]
+    dirty = [i for i, c in enumerate(cells)
+             if c["cell_type"] == "code" and (c.get("outputs") or c.get("execution_count"))]
     assert not dirty, f"{path.name}: cells {dirty} carry outputs; clear them before committing"
-    assert any("parameters" in c.get("metadata", {}).get("tags", []) for c in cells), f"{path.name}: no parameters cell"
+    assert any("parameters" in c.get("metadata", {}).get("tags", []) for c in cells), \
+        f"{path.name}: no parameters cell"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs(path: Path, tmp_path: Path) -> None:
-    import nbformat
-    from nbclient import NotebookClient
-
-    notebook = nbformat.read(path, as_version=4)
-    NotebookClient(notebook, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(path.parent)}}).execute()
+def test_notebook_runs(path: Path, rendered_site) -> None:
+    """Executed once for the session by ``kvlab.report`` (the ``rendered_site`` fixture), as ``make report`` does."""
+    summary = {s.name: s for s in rendered_site.summaries}.get(path.stem)
+    assert summary is not None, f"{path.name} was not rendered"
+    assert summary.ok, f"{path.name} stopped at {summary.error}"
+    assert summary.checks.passed > 0 and summary.checks.passed == summary.checks.total, summary.checks

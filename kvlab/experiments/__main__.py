@@ -1,6 +1,5 @@
-"""``python -m kvlab.experiments``: the GPU-scale suites (see :mod:`kvlab.experiments.suites`)."""
-import sys
+"""``python -m kvlab.experiments``: the GPU-scale suites (see :mod:`kvlab.experiments`)."""
 
-from kvlab.experiments.suites import main
+from kvlab.experiments.command import main
 
-sys.exit(main())
+raise SystemExit(main())

@@ -7,8 +7,8 @@ have flagged it on the first long generation.
 
 RSS is what the operating system charges, so it is what an alarm should watch; it also mixes in the
 allocator's behaviour (freed blocks that are not returned), so it says *that* memory grows, not *why*.
-When an exact tracer of :mod:`kvlab.memory.trace` is active, the alarm message adds its top sites; the
-monitor works without it.
+When an exact :class:`~kvlab.memory.trace.MemoryTracer` is running, the alarm message adds its top
+sites; the monitor works without it.
 
 Usage::
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -31,15 +30,13 @@ import pandas as pd
 import psutil
 import torch
 
+from .trace import MemoryTracer
+from .units import fmt_bytes
+
 __all__ = ["Alarm", "MemoryMonitor", "COLUMNS"]
 
 log = logging.getLogger("kvlab.memory.monitor")
 COLUMNS = ["t", "rss_bytes", "cuda_allocated_bytes", "cuda_reserved_bytes", "label"]
-_MIB = 2**20
-
-
-def _fmt(nbytes: float) -> str:
-    return f"{nbytes / _MIB:.1f} MiB" if abs(nbytes) >= _MIB else f"{nbytes / 1024:.1f} KiB"
 
 
 @dataclass
@@ -56,15 +53,14 @@ class Alarm:
 
 
 def _top_sites(limit: int = 5) -> list[tuple[str, int]]:
-    """Top (site, live bytes) of the running :class:`kvlab.memory.trace.MemoryTracer`, if there is one.
+    """Top (site, live bytes) of the running :class:`~kvlab.memory.trace.MemoryTracer`, if there is one.
 
-    Optional by design: the monitor never imports memtrace (it only looks whether it was imported and
-    a tracer is active), and any failure just means "no sites". The tracer is updated on the traced
-    thread while this runs on the monitor's, so a read that races with it is retried.
+    Optional by design: without a tracer, or if reading it fails, the alarm just names no sites. The
+    tracer is updated on the traced thread while this runs on the monitor's, so a read that races
+    with it is retried.
     """
-    memtrace = sys.modules.get("kvlab.memory.trace")
-    tracer = getattr(getattr(memtrace, "MemoryTracer", None), "_active", None)
-    if tracer is None or not hasattr(tracer, "by_site"):
+    tracer = MemoryTracer._active
+    if tracer is None:
         return []
     for _ in range(3):
         try:
@@ -125,7 +121,7 @@ class MemoryMonitor:
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> "MemoryMonitor":
+    def start(self) -> MemoryMonitor:
         if self._thread is not None:
             raise RuntimeError("this MemoryMonitor was already started; create a new one per run")
         self._t0 = time.perf_counter()
@@ -134,7 +130,7 @@ class MemoryMonitor:
         self._thread.start()
         return self
 
-    def stop(self) -> "MemoryMonitor":
+    def stop(self) -> MemoryMonitor:
         """Stop and join the thread (idempotent); a last sample is taken so short runs have an end."""
         thread = self._thread
         if thread is not None and thread.is_alive():
@@ -143,7 +139,7 @@ class MemoryMonitor:
             self._sample()
         return self
 
-    def __enter__(self) -> "MemoryMonitor":
+    def __enter__(self) -> MemoryMonitor:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -189,14 +185,14 @@ class MemoryMonitor:
         if self.threshold_bytes is not None:
             growth = value - self._value(first)
             self._maybe_fire("threshold", growth, self.threshold_bytes, now[0],
-                             lambda: f"{self.metric} grew {growth / _MIB:.1f} MiB above its baseline of "
-                                     f"{self._value(first) / _MIB:.1f} MiB (threshold {self.threshold_bytes / _MIB:.1f} MiB)")
+                             lambda: f"{self.metric} grew {fmt_bytes(growth)} above its baseline of "
+                                     f"{fmt_bytes(self._value(first))} (threshold {fmt_bytes(self.threshold_bytes)})")
         # Only over at least half a window: a rate over a few milliseconds is noise, not a trend.
         if self.rate_bytes_per_s is not None and now[0] - window[0][0] >= 0.5 * self.rate_window_s:
             rate = (value - self._value(window[0])) / (now[0] - window[0][0])
             self._maybe_fire("rate", rate, self.rate_bytes_per_s, now[0],
-                             lambda: f"{self.metric} grows at {rate / _MIB:.1f} MiB/s over the last "
-                                     f"{now[0] - window[0][0]:.2f} s (limit {self.rate_bytes_per_s / _MIB:.1f} MiB/s)")
+                             lambda: f"{self.metric} grows at {fmt_bytes(rate)}/s over the last "
+                                     f"{now[0] - window[0][0]:.2f} s (limit {fmt_bytes(self.rate_bytes_per_s)}/s)")
 
     def _maybe_fire(self, kind: str, value: float, limit: float, t: float, describe: Callable[[], str]) -> None:
         if value <= limit:
@@ -208,7 +204,7 @@ class MemoryMonitor:
         sites = _top_sites()
         message = "memory alarm: " + describe()
         if sites:
-            message += "; top sites (live tensor bytes): " + ", ".join(f"{s} {_fmt(b)}" for s, b in sites)
+            message += "; top sites (live tensor bytes): " + ", ".join(f"{s} {fmt_bytes(b)}" for s, b in sites)
         alarm = Alarm(t, kind, self.metric, value, limit, message, sites)
         self.alarms.append(alarm)
         self.log.warning(message)

@@ -5,8 +5,9 @@
     def test_my_server_loop_does_not_leak(leak_guard):
         leak_guard(lambda n: my_decode(model, prompt, n), steps=16)  # fails the test on a leak
 
-The check runs the loop for N and 2N steps and fails when what it keeps grows faster than its KV cache
-(see :func:`kvlab.memory.leakguard.check_decode_leak`); the failure message names the parameters requiring
+The check runs the loop for N and 2N steps and fails when it keeps anything beyond its own state (its
+cache, of any class or container, its tokens, its last logits), or when that state grows faster than
+linearly (see :func:`kvlab.memory.leakguard.check_decode_leak`); the failure message names what requires
 grad and how many steps the cache chains together. ``memory_monitor`` gives a started
 :class:`kvlab.memory.monitor.MemoryMonitor` that is stopped when the test ends, pass or fail.
 """
@@ -27,8 +28,8 @@ from .monitor import MemoryMonitor
 def leak_guard() -> Iterator[Callable[..., LeakReport]]:
     """A function ``leak_guard(run, steps=16, **options) -> LeakReport`` that raises on a leak.
 
-    ``options`` are those of :func:`~kvlab.memory.leakguard.check_decode_leak` (``model``, ``config``, ``rtol``,
-    ``raise_on_leak`` ...). Reports of every call are kept on ``leak_guard.reports``. The test's grad
+    ``options`` are those of :func:`~kvlab.memory.leakguard.check_decode_leak` (``model``, ``config``,
+    ``kv_per_token``, ``raise_on_leak``). Reports of every call are kept on ``leak_guard.reports``. The test's grad
     mode is checked to be unchanged afterwards: a loop under test must not leak global state either.
     """
     reports: list[LeakReport] = []

@@ -1,18 +1,16 @@
-"""Why memory stays alive: walk the autograd graph hanging off what a decode loop keeps.
+"""Why memory stays alive: explain the autograd graph hanging off what a decode loop keeps.
 
 Allocation-site tools (heap profilers, :mod:`kvlab.memory.trace`, CUDA snapshots) point at ``repeat_kv``
-and ``cat``: where the memory was *allocated*. The reason it is still alive is elsewhere. If any weight
-requires grad, every op records a backward node that holds on to the tensors it will need (its
-``SavedVariable``\\ s), and because each step's KV cache is ``cat(previous_cache, new)``, the cache's
-``grad_fn`` reaches back through every earlier step. :func:`explain` follows ``grad_fn`` and
-``next_functions`` from whatever the loop keeps (the cache, the last logits, any object holding
-tensors), unpacks each node's ``_saved_*`` tensors, de-duplicates them by storage, and names the cause:
-which parameters require grad, how many decode steps the graph chains together, and how many bytes
-of saved tensors that pins, by op and by site. The walk itself is :func:`walk_graph`, kvlab's only one:
-:func:`kvlab.memory.leakguard.measure_retained` counts bytes through it too.
+and ``cat``: where the memory was *allocated*. The reason it is still alive is elsewhere. If anything
+that feeds the computation requires grad -- a weight, or an input such as a soft prompt -- every op
+records a backward node that holds on to the tensors it will need, and because each step's KV cache is
+computed from the previous one, the cache's ``grad_fn`` reaches back through every earlier step.
+:func:`explain` reads the one graph walk (:func:`kvlab.memory.graph.walk_graph`) and names the cause:
+which leaves require grad (parameters or inputs), how many decode steps the graph spans, and how many
+bytes of saved tensors that pins, by op and by site; its advice follows the cause it found.
 
 :class:`SavedTensorTags` (optional, used around generation) tags every tensor autograd saves with the
-site and decode step it was saved in, and records which site created each graph node, so the report
+region and decode step it was saved in, and records which region created each graph node, so the report
 can say "allocated in repeat_kv" rather than only "saved by BmmBackward0".
 """
 
@@ -20,24 +18,26 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-from dataclasses import dataclass, fields, is_dataclass
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from . import trace as memtrace
-from kvlab.caches import KVCache
-from .trace import MiB, TracerError, caller_site
-from .regions import add_listener, current_site, remove_listener, site_path
+from .dispatch import DispatchHook
+from .graph import GraphWalk, walk_graph
+from .regions import Attribution, ModuleNames
+from .trace import TracerError
+from .units import MiB, step_index
 
-__all__ = ["explain", "RetentionReport", "SavedTensorTags", "tag_saved_tensors", "collect_tensors",
-           "walk_graph", "GraphWalk", "SavedStorage"]
+if TYPE_CHECKING:
+    from .trace import MemoryTracer
 
-memtrace.TOOL_FILES.add(__file__)
+__all__ = ["explain", "RetentionReport", "SavedTensorTags", "tag_saved_tensors", "advice"]
 
-try:  # the number the next autograd node will get; lets a node be matched to the site that created it
+try:  # the number the next autograd node will get; lets a node be matched to the region that created it
     _next_sequence_nr = torch._C._autograd._get_sequence_nr
 except AttributeError:  # pragma: no cover - older PyTorch
     _next_sequence_nr = None
@@ -45,38 +45,46 @@ except AttributeError:  # pragma: no cover - older PyTorch
 
 # --------------------------------------------------------------------------------------------- tagging
 class SavedTensorTags:
-    """Context manager tagging each tensor autograd saves with its site and decode step.
+    """Context manager tagging each tensor autograd saves with its region and decode step.
 
     Installs ``torch.autograd.graph.saved_tensors_hooks`` whose pack hook records, per storage, the
-    site open when the tensor was saved (kvlab's :func:`~kvlab.memory.regions.site` name, else the calling
-    Python frame) and the decode step, and returns the tensor unchanged, so memory behaves exactly as
-    without it. For kvlab's model it also logs autograd's node sequence number at every site boundary,
-    so a saved tensor can be charged to the site that *produced* it (``repeat_kv``) rather than the
-    one that saved it (the attention matmul). Pass :meth:`mark_step` as the loop's ``on_step``.
+    region open when the tensor was saved (the innermost ``torch.profiler.record_function``, else the
+    named module of ``model`` or the calling Python line, as :mod:`kvlab.memory.regions` decides) and the
+    decode step. It also logs autograd's node sequence number at every region boundary, so a saved
+    tensor can be charged to the region that *produced* it (``repeat_kv``) rather than the one that
+    saved it (the attention matmul). Pass :meth:`mark_step` as the loop's ``on_step``.
+
+    The pack hook hands autograd a detached alias (same storage, no ``grad_fn``), never the tensor
+    itself: autograd saves an op's *output* without a strong reference to its own node, and returning
+    the output would close a cycle (node -> saved output -> node) that the garbage collector cannot
+    see, keeping the graph alive after the loop is gone. So memory behaves exactly as without tagging.
     Only one may be active at a time.
     """
 
-    _active: "SavedTensorTags | None" = None
+    _active: SavedTensorTags | None = None
 
-    def __init__(self) -> None:
-        self.saved: dict[int, tuple[str, int]] = {}  # storage address -> (site saved in, step)
-        self._site_seq: list[int] = []  # node sequence numbers at which the innermost site changed
-        self._site_names: list[str | None] = []
+    def __init__(self, model: nn.Module | None = None) -> None:
+        self.saved: dict[int, tuple[str, int]] = {}  # storage address -> (region saved in, step)
+        self._region_seq: list[int] = []  # node sequence numbers at which the innermost region changed
+        self._region_names: list[str | None] = []
         self._step_seq: list[int] = []  # node sequence numbers at which each step started
         self._step_ids: list[int] = []
         self.step = 0  # the step being computed
+        self._attribution = Attribution(ModuleNames([model]) if model is not None else None)
+        self._hook = DispatchHook(self._attribution)  # tracks record_function regions only
         self._hooks: Any = None
         self.running = False
 
     # -------------------------------------------------------------- lifecycle
-    def __enter__(self) -> "SavedTensorTags":
+    def __enter__(self) -> SavedTensorTags:
         if SavedTensorTags._active is not None:
             raise TracerError("saved-tensor tagging is already active; only the innermost saved_tensors_hooks "
                               "would run, so nested taggers cannot both see every saved tensor")
+        self._attribution.listeners.append(self._on_region)
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
         self._hooks.__enter__()
         try:
-            add_listener(self._on_site)
+            self._hook.__enter__()
         except BaseException:
             self._hooks.__exit__(None, None, None)
             raise
@@ -87,31 +95,28 @@ class SavedTensorTags:
 
     def __exit__(self, *exc: object) -> None:
         try:
-            remove_listener(self._on_site)
+            self._hook.__exit__(None, None, None)
         finally:
             try:
                 self._hooks.__exit__(None, None, None)
             finally:
+                self._attribution.listeners.remove(self._on_region)
                 SavedTensorTags._active = None
                 self.running = False
 
     # -------------------------------------------------------------- hooks
     def _pack(self, t: Tensor) -> Tensor:
-        try:
-            ptr = t.untyped_storage().data_ptr()
-        except (RuntimeError, NotImplementedError):
-            return t
-        name = current_site()
-        self.saved[ptr] = (name if name is not None else caller_site(2), self.step)
-        return t
+        with contextlib.suppress(RuntimeError, NotImplementedError):  # storage-less tensors have no address
+            self.saved[t.untyped_storage().data_ptr()] = (self._attribution.label(), self.step)
+        return t.detach()  # an alias without grad_fn: see the class docstring
 
-    def _on_site(self, name: str, entering: bool) -> None:
+    def _on_region(self, name: str, entering: bool) -> None:
         if _next_sequence_nr is None:
             return
-        path = site_path()  # called before the region is pushed (enter) or popped (exit)
-        inner = name if entering else (path[-2] if len(path) >= 2 else None)
-        self._site_seq.append(_next_sequence_nr())
-        self._site_names.append(inner)
+        regions = self._attribution.regions  # called before the region is pushed (enter) or popped (exit)
+        inner = name if entering else (regions[-2] if len(regions) >= 2 else None)
+        self._region_seq.append(_next_sequence_nr())
+        self._region_names.append(inner)
 
     def _log_step(self, step: int) -> None:
         if _next_sequence_nr is not None:
@@ -119,8 +124,8 @@ class SavedTensorTags:
             self._step_ids.append(step)
 
     def mark_step(self, step: Any = None) -> None:
-        """Close a decode step (kvlab's ``Step``, an int, or ``None`` to count up)."""
-        index = memtrace._step_index(step, self.step - 1 if self.step else None)
+        """Close a decode step (an object with ``.index`` such as kvlab's ``Step``, an int, or ``None`` to count up)."""
+        index = step_index(step, self.step - 1 if self.step else None)
         self.step = index + 1
         self._log_step(self.step)
 
@@ -128,19 +133,19 @@ class SavedTensorTags:
 
     # -------------------------------------------------------------- lookups
     def node_origin(self, node: Any) -> tuple[str | None, int | None]:
-        """(site, step) in which autograd ``node`` was created, from its sequence number; ``None`` if unknown."""
+        """(region, step) in which autograd ``node`` was created, from its sequence number; ``None`` if unknown."""
         try:
             seq = node._sequence_nr()
         except (AttributeError, RuntimeError):
             return None, None
-        site = step = None
-        i = bisect.bisect_right(self._site_seq, seq) - 1
+        region = step = None
+        i = bisect.bisect_right(self._region_seq, seq) - 1
         if i >= 0:
-            site = self._site_names[i]
+            region = self._region_names[i]
         j = bisect.bisect_right(self._step_seq, seq) - 1
         if j >= 0:
             step = self._step_ids[j]
-        return site, step
+        return region, step
 
 
 def _unpack(t: Tensor) -> Tensor:
@@ -148,258 +153,41 @@ def _unpack(t: Tensor) -> Tensor:
 
 
 @contextlib.contextmanager
-def tag_saved_tensors() -> Iterator[SavedTensorTags]:
+def tag_saved_tensors(model: nn.Module | None = None) -> Iterator[SavedTensorTags]:
     """``with tag_saved_tensors() as tags: generate(..., on_step=tags.mark_step)``."""
-    with SavedTensorTags() as tags:
+    with SavedTensorTags(model) as tags:
         yield tags
 
 
-# --------------------------------------------------------------------------------------------- roots
-def _is_cache_object(obj: object) -> bool:
-    """A KV cache: kvlab's, or transformers' (``DynamicCache``, ``StaticCache`` ... and their per-layer
-    objects in ``cache_utils``)."""
-    if isinstance(obj, KVCache):
-        return True
-    return any(c.__name__.endswith("Cache") or (c.__name__.endswith("Layer") and "cache" in c.__module__.lower())
-               for c in type(obj).__mro__)
+# --------------------------------------------------------------------------------------------- cause
+def _shown(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
 
 
-_NOT_SEARCHED = (str, bytes, int, float, bool, nn.Module, torch.dtype, torch.device, torch.Generator, type)
-
-
-def _reachable(objects: Iterable[Any], max_depth: int) -> list[tuple[Tensor, bool]]:
-    """Every tensor reachable from ``objects``, in discovery order, with whether it is KV-cache content.
-
-    Cache content: a kvlab cache's ``tensors()`` (its K/V; its other attributes, such as positions, are
-    bookkeeping), and whatever a transformers cache object's attributes hold.
-    """
-    found: dict[int, tuple[Tensor, bool]] = {}
-    seen: set[int] = set()
-
-    def visit(obj: Any, depth: int, in_cache: bool) -> None:
-        if isinstance(obj, Tensor):
-            found.setdefault(id(obj), (obj, in_cache))
-            return
-        if obj is None or isinstance(obj, _NOT_SEARCHED) or depth > max_depth or id(obj) in seen:
-            return
-        seen.add(id(obj))
-        kv = isinstance(obj, KVCache)
-        tensors = getattr(obj, "tensors", None)
-        if callable(tensors) and not isinstance(obj, (dict, list, tuple)):
-            try:
-                for t in tensors():
-                    visit(t, depth + 1, kv or in_cache or _is_cache_object(obj))
-            except TypeError:
-                pass
-        child = in_cache
-        if isinstance(obj, dict):
-            items: Iterable[Any] = obj.values()
-        elif isinstance(obj, (list, tuple, set, frozenset)):
-            items = obj
-        elif is_dataclass(obj):
-            items = [getattr(obj, f.name, None) for f in fields(obj)]
-        else:
-            attrs = getattr(obj, "__dict__", None)
-            if attrs is None and not callable(obj) and hasattr(type(obj), "__slots__"):
-                attrs = {name: getattr(obj, name, None) for name in type(obj).__slots__ if isinstance(name, str)}
-            if not isinstance(attrs, dict):
-                return
-            items = list(attrs.values())
-            child = False if kv else in_cache or _is_cache_object(obj)
-        for item in items:
-            visit(item, depth + 1, child)
-
-    for obj in objects:
-        visit(obj, 0, False)
-    return list(found.values())
-
-
-def collect_tensors(*objects: Any, max_depth: int = 5) -> list[Tensor]:
-    """Every tensor reachable from ``objects``: tensors, containers, dataclasses (kvlab's ``Generation``),
-    kvlab caches (``.tensors()``) and plain objects' attributes (transformers' ``DynamicCache``).
-    Modules are not searched: their parameters are what the report names, not what the loop keeps."""
-    return [t for t, _ in _reachable(objects, max_depth)]
-
-
-def _storage(t: Tensor) -> tuple[tuple[str, int], int] | None:
-    """(key, bytes) of the storage behind ``t`` -- views of one buffer count once; ``None`` for tensors
-    without data (meta, sparse, empty)."""
-    if t.device.type == "meta" or t.is_sparse:
-        return None
-    try:
-        st = t.untyped_storage()
-    except (RuntimeError, NotImplementedError):
-        return None
-    ptr = st.data_ptr()
-    return ((str(t.device), ptr), st.nbytes()) if ptr else None
-
-
-def _saved_attrs(cls: type, node: Any, cache: dict[type, tuple[str, ...]]) -> tuple[str, ...]:
-    attrs = cache.get(cls)
-    if attrs is None:
-        attrs = tuple(a for a in dir(node) if a.startswith("_saved_"))
-        if hasattr(node, "saved_tensors") and "saved_tensors" not in attrs:  # custom autograd.Function
-            attrs = attrs + ("saved_tensors",)
-        cache[cls] = attrs
-    return attrs
-
-
-def _chain_length(node: Any, memo: dict[Any, int]) -> int:
-    """Longest run of nodes of ``node``'s own kind linked back from it through ``next_functions``: for a
-    cache updated by ``cat`` (or written in place), one link per decode step chained to the next.
-    Iterative, to survive thousands of steps without recursion limits."""
-    kind = type(node).__name__
-    todo = [node]
-    while todo:
-        n = todo[-1]
-        if n in memo:
-            todo.pop()
-            continue
-        prev = [m for m, _ in n.next_functions if m is not None and type(m).__name__ == kind]
-        missing = [m for m in prev if m not in memo]
-        if missing:
-            todo.extend(missing)
-            continue
-        memo[n] = 1 + max((memo[m] for m in prev), default=0)
-        todo.pop()
-    return memo[node]
-
-
-@dataclass
-class SavedStorage:
-    """One storage a graph node keeps for backward (found first in ``op``'s ``attr``)."""
-
-    ptr: int
-    nbytes: int
-    op: str
-    attr: str
-    tensor: Tensor  # the saved tensor's base (the view's storage owner)
-
-
-@dataclass
-class GraphWalk:
-    """What the tensors reachable from some objects keep alive, found by one walk of their autograd graph.
-
-    Storages are counted once: ``cache_bytes`` (KV-cache content), then ``other_bytes`` (every other
-    reachable tensor), then ``saved`` (what the graph's nodes saved for backward, in walk order). The
-    model's parameters and buffers, and any leaf of the graph, are never counted: weights exist whether
-    or not a loop runs.
-    """
-
-    cache: list[Tensor]  # KV-cache tensors among the roots
-    other: list[Tensor]  # the other root tensors (logits, tokens, position bookkeeping ...)
-    cache_bytes: int
-    other_bytes: int
-    nodes: int
-    node_counts: dict[str, int]
-    saved: list[SavedStorage]
-    leaves: list[Tensor]  # tensors of the graph's AccumulateGrad nodes (parameters requiring grad ...)
-    names: dict[int, str]  # the model's parameter and buffer names, by tensor id, in model order
-    parameters_requiring_grad: list[str]  # of the model, each parameter once
-    parameters_total: int
-    cat_chain: int  # longest run of consecutive CatBackward nodes anywhere in the graph
-    cache_chain: int  # longest run of one op kind back from a cache tensor's grad_fn
-
-    @property
-    def saved_bytes(self) -> int:
-        return sum(s.nbytes for s in self.saved)
-
-    @property
-    def graph_cache_tensors(self) -> list[Tensor]:
-        """Cache tensors that carry a graph (a grad_fn, or require grad themselves)."""
-        return [t for t in self.cache if t.grad_fn is not None or t.requires_grad]
-
-
-def walk_graph(*objects: Any, model: nn.Module | None = None, max_depth: int = 5) -> GraphWalk:
-    """Walk the autograd graph behind every tensor reachable from ``objects`` (see :func:`collect_tensors`).
-
-    ``model`` names parameters and excludes its parameters' and buffers' storage from every count.
-    The one graph walk of kvlab: :func:`explain` and :func:`kvlab.memory.leakguard.measure_retained` read it.
-    """
-    reachable = _reachable(objects, max_depth)
-    names: dict[int, str] = {}
-    weights: set[tuple[str, int]] = set()
-    params_rg: list[str] = []
-    params_total = 0
-    if model is not None:
-        for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-            names.setdefault(id(t), name)
-            info = _storage(t)
-            if info:
-                weights.add(info[0])
-        for name, p in model.named_parameters():
-            params_total += 1
-            if p.requires_grad:
-                params_rg.append(name)
-
-    counted: set[tuple[str, int]] = set()
-
-    def count(tensors: Iterable[Tensor]) -> int:
-        total = 0
-        for t in tensors:
-            info = _storage(t)
-            if info and info[0] not in weights and info[0] not in counted:
-                counted.add(info[0])
-                total += info[1]
-        return total
-
-    cache = [t for t, in_cache in reachable if in_cache]
-    other = [t for t, in_cache in reachable if not in_cache]
-    cache_bytes, other_bytes = count(cache), count(other)
-    roots = {info[0] for t, _ in reachable if (info := _storage(t))}
-
-    attr_cache: dict[type, tuple[str, ...]] = {}
-    visited: set[Any] = set()
-    stack = [t.grad_fn for t, _ in reachable if t.grad_fn is not None]
-    node_counts: dict[str, int] = {}
-    saved: dict[tuple[str, int], SavedStorage] = {}
-    leaves: dict[int, Tensor] = {}
-    leaf_storages: set[tuple[str, int]] = set()
-    cat_nodes: list[Any] = []
-    while stack:
-        node = stack.pop()
-        if node in visited:
-            continue
-        visited.add(node)
-        cls = type(node)
-        op = cls.__name__
-        node_counts[op] = node_counts.get(op, 0) + 1
-        if op == "AccumulateGrad":
-            var = getattr(node, "variable", None)
-            if isinstance(var, Tensor):
-                leaves[id(var)] = var
-                info = _storage(var)
-                if info:
-                    leaf_storages.add(info[0])
-        elif op.startswith("CatBackward"):
-            cat_nodes.append(node)
-        for attr in _saved_attrs(cls, node, attr_cache):
-            try:
-                value = getattr(node, attr)
-            except (RuntimeError, AttributeError):
-                continue  # freed by a backward pass, or not a tensor attribute
-            for t in (value if isinstance(value, (tuple, list)) else (value,)):
-                if not isinstance(t, Tensor):
-                    continue
-                info = _storage(t)
-                if info is None or info[0] in saved:
-                    continue
-                saved[info[0]] = SavedStorage(info[0][1], info[1], op, attr.removeprefix("_saved_"),
-                                              t._base if t._base is not None else t)
-        for nxt, _ in node.next_functions:
-            if nxt is not None and nxt not in visited:
-                stack.append(nxt)
-
-    # Parameters', buffers', leaves' and the roots' own storage are not "saved": weights exist anyway,
-    # and the roots are counted above.
-    kept = [s for key, s in saved.items() if key not in weights and key not in leaf_storages and key not in roots]
-    memo: dict[Any, int] = {}
-    cat_chain = max((_chain_length(n, memo) for n in cat_nodes), default=0)
-    cache_chain = max((_chain_length(t.grad_fn, memo) for t in cache if t.grad_fn is not None), default=0)
-    return GraphWalk(cache=cache, other=other, cache_bytes=cache_bytes, other_bytes=other_bytes, nodes=len(visited),
-                     node_counts=node_counts, saved=kept, leaves=list(leaves.values()), names=names,
-                     parameters_requiring_grad=params_rg, parameters_total=params_total, cat_chain=cat_chain,
-                     cache_chain=cache_chain)
+def advice(walk: GraphWalk) -> tuple[str, str]:
+    """(cause, fix) for a walk that found a graph, following what requires grad: weights call for loading
+    them frozen; an input (a soft prompt) calls for detaching it -- freezing frozen weights changes
+    nothing. Either way ``torch.inference_mode()`` around the loop records no graph at all."""
+    leaves = [t for t in walk.leaves if t.requires_grad]
+    params = [walk.leaf_name(t) for t in leaves if walk.is_parameter(t)]
+    inputs = [walk.leaf_name(t) for t in leaves if not walk.is_parameter(t)]
+    causes, fixes = [], []
+    if params:
+        n = len(walk.parameters_requiring_grad) or len(params)
+        of = f" of {walk.parameters_total}" if walk.parameters_total else ""
+        causes.append(f"{n}{of} parameters require grad ({_shown(walk.parameters_requiring_grad or params)})")
+        cache = bool(walk.graph_cache_tensors)
+        fixes.append("load the weights frozen (model.requires_grad_(False)) or decode under torch.inference_mode()"
+                     + ("; detaching the cache alone still records each step's graph" if cache else ""))
+    if inputs:
+        causes.append(f"{len(inputs)} input tensor(s) that are not parameters of the model require grad "
+                      f"({_shown(inputs)})")
+        weights = "" if params else " (the weights are frozen: they are not the cause)"
+        fixes.append(f"detach those inputs (x.detach(), or requires_grad_(False)) before decoding, or decode under "
+                     f"torch.inference_mode(){weights}")
+    if not causes:
+        return "grad mode recorded an autograd graph", "decode under torch.inference_mode()"
+    return " and ".join(causes) + ", so every forward pass records an autograd graph", "; ".join(fixes)
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -410,14 +198,18 @@ class RetentionReport:
     saved: pd.DataFrame  # one row per saved storage: bytes, op, attr, site, step, shape, dtype, device
     graph_nodes: int
     node_counts: dict[str, int]
-    leaves: pd.DataFrame  # leaf tensors in the graph that require grad: name, shape, numel
+    leaves: pd.DataFrame  # leaf tensors in the graph that require grad: name, kind, shape, numel, uses
     parameters_requiring_grad: list[str]  # of the model passed to explain(), by name
     parameters_total: int
     cat_chain: int  # longest run of consecutive CatBackward nodes: cache updates linked together
+    state_chain: int  # forward passes linked through one state tensor's updates (cat or in-place)
+    forward_passes: int  # forward passes whose graphs the walk found (from leaf uses and the state chain)
     tagged_steps: int | None  # distinct decode steps among the saved tensors (when tagged)
     root_bytes: int  # what the given objects hold themselves
     roots: int
     site_source: str  # how sites were found: "tracer", "tags", or "none"
+    cause: str = ""
+    fix: str = ""
 
     @property
     def saved_bytes(self) -> int:
@@ -425,10 +217,8 @@ class RetentionReport:
 
     @property
     def steps_chained(self) -> int:
-        """Decode steps whose graphs are linked: from the step tags when present, else the cache's cat chain."""
-        if self.tagged_steps:
-            return self.tagged_steps
-        return self.cat_chain + 1 if self.cat_chain else (1 if self.graph_nodes else 0)
+        """Decode steps whose graphs are kept: from the step tags when present, else from the graph's shape."""
+        return self.tagged_steps or self.forward_passes
 
     @property
     def retains(self) -> bool:
@@ -464,34 +254,20 @@ class RetentionReport:
                 text += (f" Note: {len(self.parameters_requiring_grad)} parameters still require grad — harmless "
                          "here, but the same loop outside no_grad/inference_mode would record a graph.")
             return text
-        if self.parameters_requiring_grad:
-            names = self.parameters_requiring_grad
-            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-            cause = (f"{len(names)} of {self.parameters_total} parameters require grad ({shown}), so every "
-                     f"forward pass records an autograd graph")
-        elif len(self.leaves):
-            cause = (f"{len(self.leaves)} leaf tensors that require grad feed the computation, so every "
-                     f"forward pass records an autograd graph")
-        else:
-            cause = "grad mode recorded an autograd graph"
-        if self.cat_chain:
-            chain = (f"the cache's grad_fn chains {self.steps_chained} decode steps "
-                     f"({self.cat_chain} CatBackward0 links)")
-        else:
-            chain = f"the graph spans {self.steps_chained} decode step(s)"
-        text = (f"Autograd is keeping memory alive: {cause}; {chain} across {self.graph_nodes:,} graph "
-                f"nodes, which hold {self.saved_bytes / MiB:.1f} MiB of saved tensors "
-                f"({len(self.saved):,} storages, not counting parameters); {held}.")
+        steps = self.steps_chained
+        span = f"the graph spans {steps} decode step{'s' if steps != 1 else ''}"
+        if self.state_chain > 1:
+            links = f" ({self.cat_chain} CatBackward0 links)" if self.cat_chain else ""
+            span += f", {self.state_chain} of them chained through the cache's updates{links}"
+        text = (f"Autograd is keeping memory alive: {self.cause}; {span}; {self.graph_nodes:,} graph nodes hold "
+                f"{self.saved_bytes / MiB:.1f} MiB of saved tensors ({len(self.saved):,} storages, not counting "
+                f"parameters); {held}.")
         if self.site_source != "none":
-            sites = self.by_site().head(3)
-            parts = [f"{row.share:.0%} in {row.site}" for row in sites.itertuples()]
-            text += f" By site: {', '.join(parts)}."
-        ops = self.by_op().head(3)
-        if len(ops):
-            text += " Saved by: " + ", ".join(f"{row.op} {row.share:.0%}" for row in ops.itertuples()) + "."
-        text += (" Fix: load the weights frozen (requires_grad_(False), kvlab's 'inference' loader) or decode "
-                 "under torch.inference_mode(); detaching the cache alone still records each step's graph.")
-        return text
+            sites = self.by_site().head(3).itertuples()
+            text += " By site: " + ", ".join(f"{r.share:.0%} in {r.site}" for r in sites) + "."
+        if len(self.saved):
+            text += " Saved by: " + ", ".join(f"{r.op} {r.share:.0%}" for r in self.by_op().head(3).itertuples()) + "."
+        return text + f" Fix: {self.fix}."
 
     def __str__(self) -> str:
         return self.summary()
@@ -516,46 +292,58 @@ def _producer(node: Any) -> Any:
     return node
 
 
+def _site_and_step(ptr: int, base: Tensor, tags: SavedTensorTags | None,
+                   site_of: dict[int, tuple[str, int]]) -> tuple[str | None, int | None]:
+    """Where a saved storage was allocated: the tracer's record, else the tags' node origin, else the
+    region it was saved in."""
+    if ptr in site_of:
+        return site_of[ptr]
+    if tags is None:
+        return None, None
+    site = step = None
+    producer = _producer(base.grad_fn)
+    if producer is not None:
+        site, step = tags.node_origin(producer)
+    if ptr in tags.saved:
+        saved_site, saved_step = tags.saved[ptr]
+        site = site if site is not None else saved_site
+        step = step if step is not None else saved_step
+    return site, step
+
+
 def explain(*roots: Any, model: nn.Module | None = None, tags: SavedTensorTags | None = None,
-            tracer: "memtrace.MemoryTracer | None" = None) -> RetentionReport:
+            tracer: MemoryTracer | None = None) -> RetentionReport:
     """Explain what the autograd graph reachable from ``roots`` keeps alive.
 
-    ``roots``: whatever the loop holds on to — a kvlab cache or transformers ``DynamicCache``, the last
-    logits, a ``Generation``, any tensors or objects holding them. ``model``: names the parameters that
-    require grad (matched by identity), pointing at the loader. ``tags``: a :class:`SavedTensorTags`
-    that ran during generation; ``tracer``: a stopped :class:`~kvlab.memory.trace.MemoryTracer` that ran
-    during generation. Either gives each saved storage a site (the tracer: where it was allocated);
-    without them sites are ``None`` and the walk still counts nodes, steps and bytes by op.
+    ``roots``: whatever the loop holds on to — a cache of any class or container, the last logits, a
+    result object, any tensors or objects holding them. ``model``: names the parameters (matched by
+    identity), so that a leaf requiring grad is told apart as a weight or an input. ``tags``: a
+    :class:`SavedTensorTags` that ran during generation; ``tracer``: a stopped
+    :class:`~kvlab.memory.trace.MemoryTracer` that ran during generation. Either gives each saved storage
+    a site (the tracer: where it was allocated); without them sites are ``None`` and the walk still
+    counts nodes, steps and bytes by op.
     """
     walk = walk_graph(*roots, model=model)
     site_of = tracer.site_of() if tracer is not None else {}
-    rows = []
     site_source = "tracer" if tracer is not None else ("tags" if tags is not None else "none")
+    rows = []
     for saved in walk.saved:
-        ptr, base = saved.ptr, saved.tensor
-        site = step = None
-        if tracer is not None and ptr in site_of:
-            site, step = site_of[ptr]
-        elif tags is not None:
-            producer = _producer(base.grad_fn)
-            if producer is not None:
-                site, step = tags.node_origin(producer)
-            if site is None and ptr in tags.saved:
-                site, step_saved = tags.saved[ptr]
-                step = step if step is not None else step_saved
-            elif step is None and ptr in tags.saved:
-                step = tags.saved[ptr][1]
-        rows.append(dict(ptr=ptr, bytes=saved.nbytes, op=saved.op, attr=saved.attr,
+        base = saved.tensor
+        site, step = _site_and_step(saved.ptr, base, tags, site_of)
+        rows.append(dict(ptr=saved.ptr, bytes=saved.nbytes, op=saved.op, attr=saved.attr,
                          site=site if site is not None else "<untagged>", step=step, shape=tuple(base.shape),
                          dtype=str(base.dtype).removeprefix("torch."), device=str(base.device)))
     saved_df = pd.DataFrame(rows, columns=["ptr", "bytes", "op", "attr", "site", "step", "shape", "dtype", "device"])
     saved_df["step"] = saved_df["step"].astype("Int64")  # unknown for untagged tensors
-    leaf_rows = [dict(name=walk.names.get(id(t), f"<tensor {tuple(t.shape)}>"), shape=tuple(t.shape), numel=t.numel())
-                 for t in walk.leaves if t.requires_grad]
-    leaves_df = pd.DataFrame(leaf_rows, columns=["name", "shape", "numel"])
+    leaf_rows = [dict(name=walk.leaf_name(t), kind="parameter" if walk.is_parameter(t) else "input",
+                      shape=tuple(t.shape), numel=t.numel(), uses=uses)
+                 for t, uses in zip(walk.leaves, walk.leaf_uses) if t.requires_grad]
+    leaves_df = pd.DataFrame(leaf_rows, columns=["name", "kind", "shape", "numel", "uses"])
     tagged_steps = int(saved_df["step"].nunique()) if site_source != "none" and len(saved_df) else None
+    cause, fix = advice(walk) if walk.nodes else ("", "")
     return RetentionReport(saved=saved_df, graph_nodes=walk.nodes, node_counts=walk.node_counts, leaves=leaves_df,
                            parameters_requiring_grad=walk.parameters_requiring_grad,
                            parameters_total=walk.parameters_total, cat_chain=walk.cat_chain,
-                           tagged_steps=tagged_steps, root_bytes=walk.cache_bytes + walk.other_bytes,
-                           roots=len(walk.cache) + len(walk.other), site_source=site_source)
+                           state_chain=walk.state_chain, forward_passes=walk.forward_passes,
+                           tagged_steps=tagged_steps, root_bytes=walk.state_bytes,
+                           roots=len(walk.cache) + len(walk.other), site_source=site_source, cause=cause, fix=fix)

@@ -13,8 +13,9 @@ right after loading and lists, one row per finding, what an inference server sho
 - ``tie_broken``: the config declares tied embeddings but the two weights are separate copies.
 - ``copied_tie``: two weights are equal in value yet stored twice — typically a tie that a loader
   silently turned into a copy (memory wasted, and the two drift apart if either is ever updated).
-- ``shared_storage``: two different tensors share one storage without a declared tie, so an in-place
-  update of one silently changes the other.
+- ``shared_storage``: two different tensors share memory without a declared tie, so an in-place
+  update of one silently changes the other. Weights that are disjoint slices of one flat buffer (a
+  loader that reads one blob and slices it) share a storage but no memory, and are fine.
 - ``non_contiguous``: a weight that is a strided view (every matmul may copy it, and it can pin a
   larger storage than its own size).
 
@@ -28,14 +29,15 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ModelValidationError", "ValidationReport", "validate_model", "validate_checkpoint", "as_dtype", "SEVERITIES"]
+from .overlap import share_memory, storage_key
+
+__all__ = ["ModelValidationError", "ValidationReport", "validate_model", "as_dtype", "SEVERITIES"]
 
 #: ``error``: breaks inference memory or correctness; ``warning``: wastes memory or invites a bug;
 #: ``info``: worth knowing, never fails a check.
@@ -44,9 +46,9 @@ COLUMNS = ["parameter", "check", "severity", "detail"]
 
 
 class ModelValidationError(ValueError):
-    """A model (or checkpoint) failed :func:`validate_model` with ``strict=True``; ``.report`` has the rows."""
+    """A model failed :func:`validate_model` with ``strict=True``; ``.report`` has the rows."""
 
-    def __init__(self, report: "ValidationReport") -> None:
+    def __init__(self, report: ValidationReport) -> None:
         self.report = report
         super().__init__(f"{report.verdict}\n{report.describe()}")
 
@@ -57,7 +59,7 @@ class ValidationReport:
 
     subject: str
     findings: pd.DataFrame
-    checked: int  # tensors (or checkpoint entries) looked at
+    checked: int  # tensors looked at
     details: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -94,7 +96,7 @@ class ValidationReport:
     def __str__(self) -> str:
         return self.verdict + ("\n" + self.describe() if not self.findings.empty else "")
 
-    def raise_if_failed(self, strict: bool = True) -> "ValidationReport":
+    def raise_if_failed(self, strict: bool = True) -> ValidationReport:
         """Raise :class:`ModelValidationError` on any error (and, if ``strict``, any warning)."""
         if not (self.clean if strict else self.passed):
             raise ModelValidationError(self)
@@ -133,15 +135,6 @@ def _entries(model: nn.Module) -> list[_Entry]:
 
 def _mib(nbytes: int) -> str:
     return f"{nbytes / 2**20:.2f} MiB"
-
-
-def _storage_key(t: Tensor) -> tuple[str, int] | None:
-    if t.device.type == "meta" or t.numel() == 0:
-        return None
-    try:
-        return str(t.device), t.untyped_storage().data_ptr()
-    except (RuntimeError, NotImplementedError):  # sparse or other storage-less layouts
-        return None
 
 
 def _config_of(model: nn.Module) -> Any:
@@ -281,8 +274,7 @@ def validate_model(model: nn.Module, expected_dtype: torch.dtype | str | None = 
     if pair is not None and says_tied:
         a, b = (by_name.get(n) for n in pair)
         if a is not None and b is not None and a is not b:
-            ka, kb = _storage_key(a.tensor), _storage_key(b.tensor)
-            if ka is None or kb is None or ka != kb:
+            if not share_memory(a.tensor, b.tensor):
                 add(b, "tie_broken", "error", f"config declares tie_word_embeddings but {b.name} is a separate "
                     f"copy of {a.name}: {_mib(b.tensor.nbytes)} duplicated, and the two can drift apart")
     if pair is not None and says_tied is False:
@@ -292,18 +284,21 @@ def validate_model(model: nn.Module, expected_dtype: torch.dtype | str | None = 
                 "tie_word_embeddings is false: saving and reloading will not reproduce this model")
     groups: dict[tuple[str, int], list[_Entry]] = defaultdict(list)
     for e in weights:
-        key = _storage_key(e.tensor)
+        key = storage_key(e.tensor)
         if key is not None:
             groups[key].append(e)
     for group in groups.values():
         if len(group) < 2:
             continue
         names = [e.name for e in group]
-        undeclared = [(x, y) for i, x in enumerate(names) for y in names[i + 1:] if frozenset((x, y)) not in declared]
-        if undeclared:
-            x, y = undeclared[0]
-            add(by_name[y], "shared_storage", "warning", f"shares its storage with {x} without a declared tie: "
-                "an in-place update of one changes the other")
+        undeclared = [(x, y) for i, x in enumerate(names) for y in names[i + 1:] if frozenset((x, y)) not in declared
+                      and share_memory(by_name[x].tensor, by_name[y].tensor)]
+        flagged: set[str] = set()
+        for x, y in undeclared:
+            if y not in flagged:
+                flagged.add(y)
+                add(by_name[y], "shared_storage", "warning", f"shares memory with {x} without a declared tie: "
+                    "an in-place update of one changes the other")
 
     # -- values stored twice (a tie silently turned into a copy)
     candidates: dict[tuple[Any, ...], list[_Entry]] = defaultdict(list)
@@ -316,7 +311,7 @@ def validate_model(model: nn.Module, expected_dtype: torch.dtype | str | None = 
             continue
         for i, x in enumerate(group):
             for y in group[i + 1:]:
-                if id(y) in reported or _storage_key(x.tensor) == _storage_key(y.tensor):
+                if id(y) in reported or share_memory(x.tensor, y.tensor):
                     continue
                 tx, ty = x.tensor.detach(), y.tensor.detach()
                 if not torch.equal(tx, ty) or bool(tx.min() == tx.max()):  # constant tensors prove nothing
@@ -325,7 +320,8 @@ def validate_model(model: nn.Module, expected_dtype: torch.dtype | str | None = 
                 is_embedding_pair = pair is not None and {x.name, y.name} == set(pair)
                 if is_embedding_pair and says_tied:
                     continue  # already reported as tie_broken
-                what = "the input and output embeddings hold" if is_embedding_pair else f"{y.name} equals {x.name} and holds"
+                what = ("the input and output embeddings hold" if is_embedding_pair
+                        else f"{y.name} equals {x.name} and holds")
                 add(y, "copied_tie", "warning", f"{what} the same values in two storages: a tie silently turned "
                     f"into a copy ({_mib(ty.nbytes)} duplicated); tie them or confirm they are meant to differ")
 
@@ -336,44 +332,3 @@ def validate_model(model: nn.Module, expected_dtype: torch.dtype | str | None = 
     if strict:
         report.raise_if_failed(strict=True)
     return report
-
-
-def validate_checkpoint(directory: str | Path, expected_dtype: torch.dtype | str | None = None,
-                        strict: bool = False) -> ValidationReport:
-    """Validate a checkpoint directory from its headers alone (:func:`kvlab.checkpoint.inspect_checkpoint`).
-
-    A checkpoint that cannot be used at all raises :class:`~kvlab.errors.CheckpointError` (bad input);
-    a usable one gives a report whose findings are what a loader should know (redundant tensors, an
-    unexpected dtype). No tensor data is read.
-    """
-    from kvlab.checkpoint import inspect_checkpoint
-
-    expected_dtype = as_dtype(expected_dtype)
-    info = inspect_checkpoint(directory)
-    rows: list[tuple[str, str, str, str]] = []
-    if expected_dtype is not None and info.config.dtype != expected_dtype:
-        rows.append(("config.json", "dtype", "error",
-                     f"weights are stored as {info.config.dtype}, expected {expected_dtype}"))
-    for name, entry in info.extras.items():
-        if name == "lm_head.weight":
-            rows.append((name, "tied_copy_stored", "warning", f"{entry.shard.name} stores lm_head.weight although "
-                         "tie_word_embeddings is true: a loader must tie it, not load it as a second copy"))
-        else:
-            rows.append((name, "ignored_tensor", "info", f"{entry.shard.name}: not a weight of this model; "
-                         "loaders skip it"))
-    nbytes = sum(e.dtype.itemsize * _numel(e.shape) for e in info.tensors.values())
-    report = ValidationReport(str(info.directory), pd.DataFrame(rows, columns=COLUMNS),
-                              len(info.tensors) + len(info.extras),
-                              {"shards": len(info.shards), "tensors": len(info.tensors), "bytes": nbytes,
-                               "dtype": info.config.torch_dtype, "layers": info.config.num_hidden_layers,
-                               "tie_word_embeddings": info.config.tie_word_embeddings})
-    if strict:
-        report.raise_if_failed(strict=True)
-    return report
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -1,0 +1,188 @@
+"""A fused matrix-vector kernel for batch-1 decoding: RMSNorm, x @ W.T (bf16 or int8 W), SwiGLU or residual.
+
+Why a kernel of its own: a batch-1 decode step is a chain of matrix-vector products, each of which
+reads its whole weight matrix once and does two flops per weight byte (one for int8), so every one is
+bound by memory bandwidth. Two things then decide the speed: how close each product comes to the copy
+bandwidth, and how many small kernels sit between them (each costs a few microseconds of launch and
+ramp-up even inside a CUDA graph). This kernel addresses both:
+
+- int8 weights are read as int8 and converted in registers (one byte per weight instead of the two
+  that "dequantize, then matmul" writes and reads back), with the per-output-channel scale applied
+  to the fp32 sum;
+- the RMSNorm that feeds a projection is computed in the kernel's prologue (each program re-reads
+  the input vector from L2, a few KiB), SwiGLU (``silu(gate) * up`` over a weight stored as
+  ``[gate; up]``) and the residual add in its epilogue, so norms, activations and adds launch nothing.
+
+Every intermediate is rounded to the activation dtype exactly where the eager model rounds it (the
+normalised input, each projection's output, ``silu``'s output, the residual sum), so the kernel
+differs from the eager model only in the order of the fp32 sums.
+
+:func:`fused_linear` is the entry point. It runs the Triton kernel for one input row on CUDA, and
+:func:`fused_linear_reference` (plain PyTorch, the same arithmetic) everywhere else: on the CPU, for
+prompts (several rows), and where Triton is not installed. The kernel is registered as the custom op
+``kvlab::fused_gemv`` so that ``torch.compile(fullgraph=True)`` keeps it as one opaque call inside
+the CUDA graph. Block sizes are autotuned per shape and dtype on first use.
+
+Shape legend: K input features, N output features (weight rows; ``2N`` rows with SwiGLU).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the PyTorch reference is used everywhere
+    triton = None
+
+ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def triton_available() -> bool:
+    """True when the fused Triton kernel can run (Triton installed and a CUDA device visible)."""
+    return triton is not None and torch.cuda.is_available()
+
+
+def fused_linear_reference(x: Tensor, weight: Tensor, scale: Tensor | None = None, norm_weight: Tensor | None = None,
+                           eps: float = 1e-5, residual: Tensor | None = None, glu: bool = False) -> Tensor:
+    """``[residual +] act(rmsnorm(x) @ weight.T * scale)`` in plain PyTorch, rounding as the eager model does.
+
+    ``weight`` (N or 2N, K) is in ``x``'s dtype, or int8 with ``scale`` (one per row); ``glu`` splits
+    the output in halves ``[gate, up]`` and returns ``silu(gate) * up``. ``norm_weight`` applies
+    :class:`kvlab.model.RMSNorm`'s arithmetic first (float32 normalisation, scale in ``x``'s dtype).
+    """
+    if norm_weight is not None:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        x = norm_weight * h.to(x.dtype)
+    y = F.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype))
+    if scale is not None:
+        y = y * scale.to(x.dtype)
+    if glu:
+        gate, up = y.chunk(2, dim=-1)
+        y = F.silu(gate) * up
+    return y if residual is None else residual + y
+
+
+if triton is not None:
+    def _configs() -> list:
+        # (rows per program, columns per step, warps). Plain loads are not software-pipelined, so the
+        # bytes in flight per thread are the tile's share of one step: too few and the kernel waits on
+        # memory latency instead of streaming. _prune keeps the tiles worth timing for the weight dtype.
+        shapes = [(2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 512, 4), (8, 1024, 4), (16, 512, 4),
+                  (4, 2048, 8), (8, 1024, 8), (16, 512, 8), (8, 2048, 8), (16, 1024, 8), (32, 512, 8)]
+        return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=2) for n, k, w in shapes]
+
+    def _prune(configs: list, named_args: dict, **kwargs) -> list:
+        """Tiles that put 32-128 weight bytes per thread in flight each step, with at most 64 fp32
+        accumulators per thread (both halves counted under SwiGLU)."""
+        size = named_args["w_ptr"].element_size()
+        halves = 2 if kwargs.get("GLU") else 1
+        kept = []
+        for c in configs:
+            per_thread = c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] // (32 * c.num_warps)
+            if 32 <= per_thread * size <= 128 and per_thread * halves <= 64:
+                kept.append(c)
+        return kept or configs
+
+    @triton.autotune(configs=_configs(), key=["N", "K", "HAS_SCALE", "NORM", "GLU", "RESIDUAL"],
+                     prune_configs_by={"early_config_prune": _prune})
+    @triton.jit
+    def _fused_gemv_kernel(x_ptr, w_ptr, scale_ptr, norm_ptr, res_ptr, out_ptr, N, K, eps,
+                           HAS_SCALE: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
+                           RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        out_ty = out_ptr.dtype.element_ty
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        cols = tl.arange(0, BLOCK_K)
+        if NORM:  # mean of squares of the whole input first: each program re-reads it (L2-resident)
+            squares = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                xk = tl.load(x_ptr + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+                squares += xk * xk
+            rstd = tl.math.rsqrt(tl.sum(squares, axis=0) / K + eps)
+        w_rows = w_ptr + rows[:, None].to(tl.int64) * K
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + cols
+            k_ok = k < K
+            xk = tl.load(x_ptr + k, mask=k_ok, other=0.0)
+            if NORM:  # RMSNorm as the model rounds it: normalise in fp32, round, scale in the input dtype
+                nk = tl.load(norm_ptr + k, mask=k_ok, other=0.0)
+                xk = (xk.to(tl.float32) * rstd).to(out_ty) * nk
+            xf = xk.to(tl.float32)[None, :]
+            mask = row_ok[:, None] & k_ok[None, :]
+            acc += tl.load(w_rows + k[None, :], mask=mask, other=0).to(tl.float32) * xf
+            if GLU:  # the up half of [gate; up] sits N rows further down
+                acc_up += tl.load(w_rows + N * K + k[None, :], mask=mask, other=0).to(tl.float32) * xf
+        y = tl.sum(acc, axis=1).to(out_ty).to(tl.float32)
+        if HAS_SCALE:
+            row_scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(out_ty).to(tl.float32)
+            y = (y * row_scale).to(out_ty).to(tl.float32)
+        if GLU:
+            up = tl.sum(acc_up, axis=1).to(out_ty).to(tl.float32)
+            if HAS_SCALE:
+                up_scale = tl.load(scale_ptr + N + rows, mask=row_ok, other=0.0).to(out_ty).to(tl.float32)
+                up = (up * up_scale).to(out_ty).to(tl.float32)
+            gate = (y / (1.0 + tl.exp(-y))).to(out_ty).to(tl.float32)  # F.silu rounds its output
+            y = (gate * up).to(out_ty).to(tl.float32)
+        if RESIDUAL:
+            y = y + tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, y.to(out_ty), mask=row_ok)
+
+
+@torch.library.custom_op("kvlab::fused_gemv", mutates_args=())
+def fused_gemv(x: Tensor, weight: Tensor, scale: Optional[Tensor], norm_weight: Optional[Tensor],  # noqa: UP045
+               residual: Optional[Tensor], eps: float, glu: bool) -> Tensor:  # noqa: UP045 (custom_op schema)
+    """The Triton kernel on one row ``x`` (..., K) with ``x.numel() == K``; see :func:`fused_linear`."""
+    rows, k = weight.shape
+    n = rows // 2 if glu else rows
+    out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
+    dummy = out  # never read: the flags switch those loads off
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _fused_gemv_kernel[grid](x, weight, dummy if scale is None else scale,
+                             dummy if norm_weight is None else norm_weight,
+                             dummy if residual is None else residual, out, n, k, eps,
+                             HAS_SCALE=scale is not None, NORM=norm_weight is not None, GLU=glu,
+                             RESIDUAL=residual is not None)
+    return out
+
+
+@fused_gemv.register_fake
+def _(x: Tensor, weight: Tensor, scale: Optional[Tensor], norm_weight: Optional[Tensor],  # noqa: UP045
+      residual: Optional[Tensor], eps: float, glu: bool) -> Tensor:  # noqa: UP045
+    n = weight.shape[0] // 2 if glu else weight.shape[0]
+    return x.new_empty((*x.shape[:-1], n))
+
+
+def tuned_configs() -> dict[str, str]:
+    """The block sizes autotuning chose so far, by tuning key (shape, flags, dtypes): for the record."""
+    cache = getattr(_fused_gemv_kernel, "cache", {}) if triton is not None else {}
+    return {str(key): str(config) for key, config in cache.items()}
+
+
+def uses_kernel(x: Tensor, weight: Tensor) -> bool:
+    """Whether :func:`fused_linear` runs the Triton kernel for these operands (else the reference)."""
+    return (triton is not None and x.is_cuda and x.numel() == x.shape[-1] and x.dtype in ACTIVATION_DTYPES
+            and weight.is_contiguous() and (weight.dtype == torch.int8 or weight.dtype == x.dtype))
+
+
+def fused_linear(x: Tensor, weight: Tensor, scale: Tensor | None = None, norm_weight: Tensor | None = None,
+                 eps: float = 1e-5, residual: Tensor | None = None, glu: bool = False) -> Tensor:
+    """``[residual +] act(rmsnorm(x) @ weight.T * scale)``: the Triton kernel for one row on CUDA,
+    :func:`fused_linear_reference` otherwise. Arguments as for the reference."""
+    if uses_kernel(x, weight) and not _needs_grad(x, weight, scale, norm_weight, residual):
+        return fused_gemv(x.contiguous(), weight, scale, norm_weight,
+                          None if residual is None else residual.contiguous(), eps, glu)
+    return fused_linear_reference(x, weight, scale, norm_weight, eps, residual, glu)
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    """The kernel has no backward: anything that would record a graph takes the reference path."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

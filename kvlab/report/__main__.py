@@ -1,0 +1,3 @@
+from kvlab.report.cli import main
+
+raise SystemExit(main())
