@@ -179,6 +179,10 @@ def test_offline_snapshot_from_trace_plot(tmp_path: Path) -> None:
     assert check_site(page.parent) == []
     assert read_page(page).title == "CUDA memory snapshot — leak"
     assert read_snapshot(page.with_suffix(".pickle")) == _snapshot()
+    recorded = tmp_path / "recorded" / "leak.pickle"  # a pickle rendered next to itself stays as recorded
+    recorded.write_bytes(pickle.dumps(_snapshot(), protocol=2))
+    offline_snapshot(recorded, recorded.with_suffix(".html"))
+    assert recorded.read_bytes() == pickle.dumps(_snapshot(), protocol=2)
 
 
 def test_snapshot_reader_refuses_what_is_not_plain_data(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ here counts bytes itself:
 - the fix is verified by running the same loop under ``torch.inference_mode()`` and with every
   parameter frozen, at N and 2N tokens, judged by the same guard.
 
-On CUDA the longest run is also recorded as a CUDA memory snapshot.
+On CUDA the longest run is run once more, untraced, under the CUDA allocator's history (a memory snapshot).
 """
 
 from __future__ import annotations
@@ -136,13 +136,18 @@ def _traced(modules: dict[str, nn.Module], device: str) -> Iterator[MemoryTracer
             hook.remove()
 
 
-def _snapshot(device: str, out: Path | None) -> Any:
-    """A CUDA memory snapshot of the block when diagnosing on CUDA with an output folder, else nothing."""
-    if torch.device(device).type != "cuda" or out is None:
-        return contextlib.nullcontext(None)
+def _snapshot_run(run: _Runner, steps: int, out: Path | None) -> dict[str, str]:
+    """On CUDA, the longest run once more under the allocator's history, untraced (under the tracer every
+    block's innermost Python frame would be the tracer's own); the snapshot's file names in ``out``."""
+    if torch.device(run.device).type != "cuda" or out is None:
+        return {}
     from kvlab.memory.cuda import cuda_memory_snapshot
 
-    return cuda_memory_snapshot(out / "cuda_snapshot.html", out / "cuda_snapshot.pickle")
+    with cuda_memory_snapshot(out / "cuda_snapshot.html", out / "cuda_snapshot.pickle") as files:
+        kept = run(steps, "as given, CUDA snapshot")
+    del kept
+    gc.collect()
+    return {"html": files.html_path.name, "pickle": files.pickle_path.name}
 
 
 def _validation(modules: dict[str, nn.Module]) -> tuple[pd.DataFrame, list[str]]:
@@ -199,7 +204,7 @@ def _as_given(run: _Runner, target: Target, lengths: list[int], out: Path | None
     rows, parts, measured = [], {}, {}
     for steps in lengths:
         if steps == 2 * n:  # the longest run, traced: attribution by region
-            with _snapshot(run.device, out) as snapshot, _traced(target.modules, run.device) as tracer:
+            with _traced(target.modules, run.device) as tracer:
                 kept = run(steps, "as given, traced")
         else:
             kept = run(steps, "as given")
@@ -215,9 +220,9 @@ def _as_given(run: _Runner, target: Target, lengths: list[int], out: Path | None
     retention = explain(kept, model=run.named, tracer=tracer if len(timeline) else None)
     del kept
     gc.collect()
-    files = {"html": snapshot.html_path.name, "pickle": snapshot.pickle_path.name} if snapshot else {}
-    return _AsGiven(rows, with_growth(parts[2 * n], parts[n]), compare_retained(measured[n], measured[2 * n], n,
-                    config=target.config), retention, tracer.by_site(), timeline, files)
+    guard = compare_retained(measured[n], measured[2 * n], n, config=target.config)
+    return _AsGiven(rows, with_growth(parts[2 * n], parts[n]), guard, retention, tracer.by_site(), timeline,
+                    _snapshot_run(run, 2 * n, out))
 
 
 def diagnose(target: Target | Callable[..., Any], tokens: int = 64, *, device: str = "cpu",
@@ -232,8 +237,8 @@ def diagnose(target: Target | Callable[..., Any], tokens: int = 64, *, device: s
     lengths = lengths_for(tokens)
     n = lengths[-1] // 2
     gc.collect()
-    with tqdm(total=sum(lengths) + 3 * n * len(VARIANTS), unit="tok", disable=None if progress else True,
-              leave=False) as bar:
+    total = sum(lengths) + 3 * n * len(VARIANTS) + (2 * n if torch.device(device).type == "cuda" else 0)
+    with tqdm(total=total, unit="tok", disable=None if progress else True, leave=False) as bar:
         run = _Runner(target, device, _named(target.modules), bar)
         given = _as_given(run, target, lengths, Path(out) if out is not None else None)
         fix = _fix_rows(run, target, n, target.config)

@@ -7,6 +7,7 @@ failed in its metadata, so everything after this step (the summary, the site) re
 from __future__ import annotations
 
 import ast
+import tempfile
 from pathlib import Path
 
 
@@ -29,11 +30,15 @@ def execute(notebook: Path, executed_dir: Path, parameters: dict[str, object], t
 
     executed = executed_dir / notebook.name
     executed_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        papermill.execute_notebook(str(notebook), str(executed), parameters=parameters, cwd=str(notebook.parent),
-                                   kernel_name="python3", progress_bar=False, execution_timeout=timeout,
-                                   # a local kernel over IPC sockets: no network ports, no TCP warning
-                                   config=Config({"KernelManager": {"transport": "ipc"}}))
-    except papermill.PapermillExecutionError:
-        pass  # recorded in the executed notebook's metadata; see kvlab.report.notebook
+    # A local kernel over IPC sockets: no network ports, no TCP warning. The sockets get a folder of their
+    # own: by default they are named kernel-ipc-N in the notebook's folder, where a second run started at
+    # the same time (a test beside `make report`) would pick the same names and cross messages.
+    with tempfile.TemporaryDirectory(prefix="kvlab-kernel-") as sockets:
+        config = Config({"KernelManager": {"transport": "ipc", "ip": f"{sockets}/k"}})
+        try:
+            papermill.execute_notebook(str(notebook), str(executed), parameters=parameters, cwd=str(notebook.parent),
+                                       kernel_name="python3", progress_bar=False, execution_timeout=timeout,
+                                       config=config)
+        except papermill.PapermillExecutionError:
+            pass  # recorded in the executed notebook's metadata; see kvlab.report.notebook
     return executed

@@ -147,7 +147,7 @@ def conclusion(nb: nbformat.NotebookNode) -> tuple[str, str]:
     """The notebook's one-paragraph conclusion and where it came from (see the module docstring)."""
     cell = _tagged(nb, CONCLUSION_TAG)
     if cell is not None and (text := _one_paragraph(_cell_text(cell))):
-        return text, "cell"
+        return re.sub(r"^(\*\*)?Conclusions?[.:]?(\*\*)?[.:]?\s+", "", text), "cell"  # the column says it already
     text = _one_paragraph(str(nb.metadata.get("kvlab", {}).get("conclusion", "")))
     if text:
         return text, "metadata"

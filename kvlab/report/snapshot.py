@@ -41,14 +41,20 @@ class _PlainData(pickle.Unpickler):
         raise pickle.UnpicklingError(f"holds a {module}.{name} object; a memory snapshot is plain data only")
 
 
+def _pickled(path: Path) -> bytes:
+    """The snapshot's pickle bytes: the file itself, or what a ``trace_plot`` page embeds."""
+    raw = path.read_bytes()
+    if path.suffix not in (".html", ".htm"):
+        return raw
+    match = _EMBEDDED.search(raw.decode("utf-8", errors="replace"))
+    if match is None:
+        raise SnapshotError(f"{path}: no embedded snapshot (expected a torch.cuda._memory_viz.trace_plot page)")
+    return base64.b64decode(json.loads(match.group(1))[0]["base64"])
+
+
 def read_snapshot(path: Path) -> dict:
     """The snapshot dict of a ``trace_plot`` HTML page or of a ``_dump_snapshot`` pickle."""
-    raw = path.read_bytes()
-    if path.suffix in (".html", ".htm"):
-        match = _EMBEDDED.search(raw.decode("utf-8", errors="replace"))
-        if match is None:
-            raise SnapshotError(f"{path}: no embedded snapshot (expected a torch.cuda._memory_viz.trace_plot page)")
-        raw = base64.b64decode(json.loads(match.group(1))[0]["base64"])
+    raw = _pickled(path)
     try:
         data = _PlainData(io.BytesIO(raw)).load()
     except (pickle.UnpicklingError, EOFError, ValueError) as exc:
@@ -179,7 +185,8 @@ def _page(name: str, tl: Timeline, png: bytes, pickle_name: str, back: str | Non
                     for i, s in enumerate(tl.sites))
     groups: dict[tuple[str, int], list[list[dict]]] = {}  # same line, same size: one row with a count
     for size, site, frames in tl.peak_blocks:
-        groups.setdefault((site, size), []).append(frames)
+        if site != BEFORE:  # blocks from before the trace have no stack to show
+            groups.setdefault((site, size), []).append(frames)
     largest = sorted(groups.items(), key=lambda kv: -kv[0][1] * len(kv[1]))[:10]
     blocks = "".join(f"<details><summary>{len(stacks)} × {esc(fmt_bytes(size))} — <code>{esc(site)}</code></summary>"
                      f"<pre>{esc(_stack_text(stacks[0]))}</pre></details>" for (site, size), stacks in largest)
@@ -197,7 +204,7 @@ text-align:left}}pre{{background:#f6f6f6;padding:.5rem;overflow-x:auto}}</style>
 memory viewer, drawn from the same snapshot, stacked by the Python line that allocated each block.</p>
 <img src="data:image/png;base64,{base64.b64encode(png).decode()}" alt="active memory timeline of {esc(name)}">
 <h2>At the peak, by allocating line</h2><table><tr><th>allocated at</th><th>alive</th></tr>{sites}</table>
-<h2>The largest blocks alive at the peak (stack of the first)</h2>{blocks}
+<h2>The largest blocks the trace allocated, alive at the peak (stack of the first)</h2>{blocks}
 <h2>Interactive view</h2><p>The snapshot is <a href="{esc(pickle_name)}">{esc(pickle_name)}</a>: drop it on
 PyTorch's viewer at <a href="https://pytorch.org/memory_viz">pytorch.org/memory_viz</a> (which needs the
 network) to browse every block and its stack.</p></body></html>
@@ -211,11 +218,11 @@ def offline_snapshot(source: Path, target: Path, back: str | None = None) -> Pat
     page that leads here. Raises :class:`SnapshotError` for a file that is not a snapshot.
     """
     source, target = Path(source), Path(target)
-    snapshot = read_snapshot(source)
-    tl = timeline(snapshot)
+    tl = timeline(read_snapshot(source))
     target.parent.mkdir(parents=True, exist_ok=True)
     pickle_path = target.with_suffix(".pickle")
-    pickle_path.write_bytes(pickle.dumps(snapshot))
+    if not (pickle_path.exists() and pickle_path.samefile(source)):
+        pickle_path.write_bytes(_pickled(source))  # the recorded bytes, as PyTorch wrote them
     png = _figure_png(tl, f"Active memory timeline — {target.stem}")
     target.write_text(_page(target.stem, tl, png, pickle_path.name, back), encoding="utf-8")
     return target

@@ -84,12 +84,12 @@ def plot_cat_transients(tables: Mapping[str, pd.DataFrame], *, title: str) -> Fi
     ax = fig.add_subplot()
     first = next(iter(tables.values()))
     ax.plot(first["positions"], first["kv_bytes"] / KiB, label="KV cache, analytic size", **REFERENCE["kv"])
-    shades = ("#9467bd", "#3f1d6b")
-    for (label, table), color in zip(tables.items(), shades):
-        ax.plot(table["positions"], table["live_bytes"] / KiB, color=color, lw=1.4,
-                label=f"{label}: alive at the step's end")
-        ax.fill_between(table["positions"], table["live_bytes"] / KiB, table["peak_bytes"] / KiB, color=color,
-                        alpha=0.25, label=f"{label}: extra at the peak inside the step")
+    ax.plot(first["positions"], first["live_bytes"] / KiB, color=cache_color("concat"), lw=1.6,
+            label="alive at each step's end, either way (the cache and its positions)")
+    for (label, table), hatch in zip(tables.items(), ("", "//")):  # the same cache: one colour, told by hatching
+        ax.fill_between(table["positions"], table["live_bytes"] / KiB, table["peak_bytes"] / KiB, hatch=hatch,
+                        facecolor=cache_color("concat") if not hatch else "none", edgecolor=cache_color("concat"),
+                        alpha=0.3 if not hatch else 0.8, lw=0, label=f"{label}: extra at the peak inside a step")
     ax.set(xlabel="cached positions (tokens)", ylabel="KiB", title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", fontsize="small")

@@ -14,8 +14,8 @@ weights leak and frozen ones do not; these controls take the explanation apart:
 - :func:`loading_rss`: the fair test of the first fix attempt (mistral.rs PR #154, single-threaded
   loading): resident memory with one loading thread against one per shard, where glibc gives each
   thread its own allocator arena, measured in a fresh child process.
-- :func:`decode_flops`: the cost of the incident's ``--no-kv-cache`` as a count (matmul FLOPs per
-  step), which does not depend on how busy the machine is, unlike a clock.
+- :func:`decode_flops` and :func:`decode_ops`: costs as counts (matmul FLOPs, operators dispatched per
+  step), which do not depend on how busy the machine is, unlike a clock.
 - :func:`trace_decode`: a traced decode of an already-built model with any cache object, for the
   controls above whose model or cache is not one of the named loaders or designs.
 """
@@ -34,8 +34,9 @@ from typing import Any
 import pandas as pd
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from kvlab.caches import ConcatCache, KVCache, kv_bytes
+from kvlab.caches import ConcatCache, KVCache, kv_bytes, make_cache
 from kvlab.config import MistralConfig
 from kvlab.generate import Generation, generate
 from kvlab.loaders import load_model
@@ -47,7 +48,7 @@ from .isolated import run_isolated
 from .probes import prompt_ids
 
 __all__ = ["DetachingCache", "int8_with_trainable_floats", "TracedDecode", "trace_decode", "cat_transients",
-           "loading_rss", "release_freed_heap", "decode_flops"]
+           "loading_rss", "release_freed_heap", "decode_flops", "decode_ops"]
 
 
 class DetachingCache(ConcatCache):
@@ -250,3 +251,29 @@ def decode_flops(model: nn.Module, cache: KVCache | None, tokens: int) -> pd.Dat
     flops = pd.Series(totals).diff().fillna(totals[0]).astype("int64")
     n = pd.RangeIndex(1, tokens + 1)
     return pd.DataFrame({"tokens": n, "positions": n if cache is None else 1, "flops": flops.to_numpy()})
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the operators dispatched to kernels (one per call, whatever the tensors' sizes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def decode_ops(model: nn.Module, cache: str, batch: int, tokens: int) -> pd.DataFrame:
+    """Operators dispatched in each decode step of a greedy decode of ``batch`` rows with a ``cache``
+    cache: the fixed per-call cost of a step, as a number. Returns ``tokens``, ``ops``."""
+    device = next(model.parameters()).device
+    prompt = prompt_ids(model.config.vocab_size, 1, batch=batch, device=device)
+    kv_cache = make_cache(cache, model.config, batch, max_tokens=tokens + 1, device=device)
+    totals: list[int] = []
+    counter = _OpCounter()
+    with torch.inference_mode(), counter:
+        generate(model, prompt, tokens, cache=kv_cache, on_step=lambda step: totals.append(counter.ops))
+    ops = pd.Series(totals).diff().fillna(totals[0]).astype("int64")
+    return pd.DataFrame({"tokens": range(1, tokens + 1), "ops": ops.to_numpy()})

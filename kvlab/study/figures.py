@@ -15,14 +15,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch
 
 from kvlab.memory.retention import RetentionReport
 from kvlab.memory.units import MiB
 
 from .palette import DTYPE_STYLE, LOADER_COLORS, REFERENCE, cache_color, color_of, loader_color, site_color, site_label
 
-__all__ = ["plot_mechanism", "plot_before_after", "plot_monitor", "plot_real_scale"]
+__all__ = ["plot_mechanism", "plot_before_after", "plot_monitor", "plot_real_scale", "plot_speed_roofline"]
 
 KiB = 1024
 
@@ -137,7 +137,8 @@ def plot_monitor(monitors: Mapping[str, Any], *, threshold_bytes: int, title: st
         for k, (phase, span) in enumerate(phases.iterrows()):
             ax.axvspan(span["min"], span["max"], color="0.85" if k % 2 else "0.93", zorder=0)
             ax.annotate(phase, ((span["min"] + span["max"]) / 2, 1.0), xycoords=("data", "axes fraction"),
-                        xytext=(0, -12), textcoords="offset points", ha="center", fontsize="small")
+                        xytext=(0, -12 - 12 * (k % 2)), textcoords="offset points", ha="center",
+                        fontsize="small")  # staggered: short phases side by side stay readable
         for alarm in monitor.alarms:
             ax.plot(alarm.t, alarm.value / MiB, "v", color="black", ms=9, label=f"alarm at {alarm.t:.2f} s")
         ax.axhline(threshold_bytes / MiB, label=f"alarm threshold ({threshold_bytes / MiB:.0f} MiB)",
@@ -154,9 +155,9 @@ def plot_real_scale(results: Any, groups: Mapping[str, Mapping[str, str]], *, ca
                     models: Mapping[str, pd.DataFrame], title: str) -> Figure:
     """Memory held beyond each run's start at the 7B shape, one panel per group of runs.
 
-    ``groups``: ``{panel title: {run_id: label}}``. A run is coloured by its loader (``"kvlab ..."``
-    runs of one cache) or by its cache design (runs of the trainable loader with several caches), as
-    each panel's title says; its dtype sets the line style (bf16 solid, fp32 dashed). An x marks
+    ``groups``: ``{panel title: {run_id: label}}``. A run is coloured by its loader, or by its cache
+    design in a panel whose title starts with "cache" (runs of one loader with several caches); its
+    dtype sets the line style (bf16 solid, fp32 dashed). An x marks
     where a run ran out of GPU memory; ``capacity_gib`` (by dtype) is the GPU's capacity minus what a
     run of that dtype had allocated when it started (its weights), a grey line in the dtype's style;
     ``models`` are analytic curves (``generated, predicted_bytes``) drawn as hollow black circles.
@@ -164,7 +165,7 @@ def plot_real_scale(results: Any, groups: Mapping[str, Mapping[str, str]], *, ca
     fig = Figure(figsize=(13, 5.4), layout="constrained")
     axes = fig.subplots(1, len(groups), sharey=True, squeeze=False)[0]
     for ax, (panel, runs) in zip(axes, groups.items()):
-        by_cache = "cache" in panel
+        by_cache = panel.startswith("cache")
         for run_id, label in runs.items():
             row = results.run(run_id)
             steps = results.run_steps(run_id)
@@ -200,3 +201,22 @@ def _run_color(row: Any, label: str, by_cache: bool) -> str:
     if by_cache:
         return cache_color(str(row.get("cache", "concat")))
     return LOADER_COLORS.get(str(row.get("loader", "")), "#444444")
+
+
+def plot_speed_roofline(speed: pd.DataFrame, *, title: str) -> Figure:
+    """Tokens/s of each decode path (``speed_summary``: ``path, library, tokens_per_s, roofline_share``)
+    as horizontal bars, with the weights-only roofline. Every path runs frozen weights: kvlab's bars take
+    the ``inference`` loader's colour, transformers' its no_grad colour."""
+    fig = Figure(figsize=(9.5, 4.6), layout="constrained")
+    ax = fig.add_subplot()
+    library = {"kvlab": loader_color("inference"), "transformers": color_of("transformers, no_grad")}
+    ax.barh(speed["path"], speed["tokens_per_s"], color=speed["library"].map(library))
+    roofline = speed["tokens_per_s"].iloc[0] / speed["roofline_share"].iloc[0]
+    ax.axvline(roofline, **REFERENCE["model"])
+    ax.annotate(f"roofline (weights only): {roofline:.0f} tok/s", (roofline, 0), xytext=(-4, 0),
+                textcoords="offset points", ha="right")
+    ax.invert_yaxis()
+    ax.set(title=title, xlabel="tokens/s")
+    ax.legend(handles=[Patch(color=c) for c in library.values()], labels=list(library), loc="lower right")
+    ax.grid(alpha=0.3, axis="x")
+    return fig

@@ -89,7 +89,7 @@ def plot_growth(series: Series, *, kind: str = "loader", colors: Mapping[str, st
             x, y = _arrays(tokens, values)
             color = colors.get(name) or color_of(name, kind)
             every = max(1, len(x) // 8)
-            width = 1.5 + 2.0 * (len(series) - 1 - k) / max(len(series) - 1, 1)  # earlier runs wider: overlaps show
+            width = 1.5 + 1.3 * (len(series) - 1 - k) / max(len(series) - 1, 1)  # earlier runs wider: overlaps show
             ax.plot(x, y / MiB, "-", color=color, lw=width, marker=_MARKERS[k % len(_MARKERS)], markevery=(k, every),
                     ms=5, mfc="none", label=name)
             if ax is loglog and len(x) and (top is None or y[-1] / MiB > top[1]):
@@ -124,13 +124,14 @@ def plot_growth(series: Series, *, kind: str = "loader", colors: Mapping[str, st
 def plot_scaling(series: Series | pd.DataFrame, *, config: Any = None, title: str | None = None,
                  min_tokens: float | None = None, colors: Mapping[str, str] | None = None, kind: str = "loader",
                  model: tuple[Sequence[float], Sequence[float]] | None = None, model_label: str = "analytic model",
-                 ax: Axes | None = None, **labels: Any) -> Figure:
+                 styles: Mapping[str, str] | None = None, ax: Axes | None = None, **labels: Any) -> Figure:
     """Memory against tokens on log-log axes, each series with its fitted power law and slope.
 
     ``series``: ``{"trainable": (tokens, bytes), ...}`` or a DataFrame with a ``tokens`` column. The
     data are small hollow markers; the fit (from ``min_tokens`` on) is a solid line drawn over them,
-    extended dotted to the left of the fitted range. ``model``: an analytic curve, a wide grey band under
-    everything, so that a fit lying on it stays visible. A
+    extended dotted to the left of the fitted range (``styles`` gives a series another line style for its
+    fit, e.g. dashed for fp32 next to bf16 in one colour). ``model``: an analytic curve, a wide grey band
+    under everything, so that a fit lying on it stays visible. A
     slope of ~2 is the quadratic leak, ~1 a growing KV cache.
     """
     if isinstance(series, pd.DataFrame):
@@ -150,7 +151,7 @@ def plot_scaling(series: Series | pd.DataFrame, *, config: Any = None, title: st
             ax.plot([], [], "o", color=color, mfc="none", label=f"{name} (too few points to fit)")
             continue
         fitted = np.geomspace(fit.tokens.min(), fit.tokens.max(), 50)
-        ax.plot(fitted, fit.predict(fitted) / MiB, "-", color=color, lw=width, zorder=3,
+        ax.plot(fitted, fit.predict(fitted) / MiB, (styles or {}).get(name, "-"), color=color, lw=width, zorder=3,
                 label=f"{name}: fitted slope {fit.slope:.2f}")
         if x.min() < fit.tokens.min():
             before = np.geomspace(x.min(), fit.tokens.min(), 20)
