@@ -180,7 +180,7 @@ class Attention(nn.Module):
         if t == 1:
             rows = q.reshape(b, self.num_kv_heads, self.num_key_value_groups, d)  # (B, Hkv, g, D)
             out = F.scaled_dot_product_attention(rows, k, v, attn_mask=mask, scale=self.scale)  # mask (B, 1, 1, S)
-            return out.view(b, h, 1, d)
+            return out.reshape(b, h, 1, d)  # (B, H, 1, D); the output of SDPA need not be contiguous
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=True)
 
 

@@ -14,7 +14,6 @@ Only safetensors weights are read: a checkpoint with only pickled ``.bin`` files
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import os
 from collections.abc import Iterator
@@ -23,6 +22,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from kvlab.study.hf import cache_keyword
 
 from .target import BadTarget, Target, _one_line
 
@@ -80,17 +81,11 @@ def load_hf(directory: str | Path, device: str | torch.device = "cpu") -> nn.Mod
     return model.to(device)
 
 
-def _cache_keyword(model: nn.Module) -> str:
-    """The forward argument for the cache: ``cache`` in recent transformers, ``past_key_values`` before."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
-
-
 def greedy_loop(model: nn.Module, prompt: list[int] | None = None) -> Any:
     """``run(steps) -> cache``: greedy decoding of ``steps`` forward passes (the prompt, then one token
     each) in grad mode, with the cache object the model makes itself. The cache is what a server keeps
     per conversation, so it is what the loop returns."""
-    keyword = _cache_keyword(model)
+    keyword = cache_keyword(model)
     config = getattr(model, "config", None)
     start = getattr(config, "bos_token_id", None)
     start = start if isinstance(start, int) and 0 <= start < getattr(config, "vocab_size", 1) else 0

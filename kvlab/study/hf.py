@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from kvlab.config import MistralConfig
 from kvlab.generate import Generation, Step
 
-__all__ = ["HF_CACHES", "hf_available", "is_transformers", "hf_model", "new_cache", "cache_bytes", "greedy"]
+__all__ = ["HF_CACHES", "hf_available", "is_transformers", "hf_model", "new_cache", "cache_bytes", "cache_keyword",
+           "greedy"]
 
 #: transformers' cache classes the side-by-side runs use.
 HF_CACHES = ("DynamicCache", "StaticCache")
@@ -107,12 +108,15 @@ def cache_bytes(cache: Any) -> int:
     return sum(storages.values())
 
 
-def _forward_kwargs(model: nn.Module) -> tuple[str, bool]:
-    """The name of the cache argument ("past_key_values", or "cache" in newer transformers) and whether
-    the model takes ``cache_position``."""
+def cache_keyword(model: nn.Module) -> str:
+    """The forward argument that takes the cache: ``cache`` in recent transformers, ``past_key_values`` before."""
     params = inspect.signature(model.forward).parameters
-    key = "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
-    return key, "cache_position" in inspect.signature(model.model.forward).parameters
+    return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
+
+
+def _forward_kwargs(model: nn.Module) -> tuple[str, bool]:
+    """The cache argument's name and whether the model takes ``cache_position``."""
+    return cache_keyword(model), "cache_position" in inspect.signature(model.model.forward).parameters
 
 
 def greedy(model: nn.Module, prompt: Tensor, max_new_tokens: int, cache: Any,
