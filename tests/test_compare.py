@@ -1,5 +1,5 @@
-"""kvlab.study.sweeps (the cache-design sweeps on the tiny preset) and kvlab.study.results (the readers of
-recorded results, among them the committed GPU runs)."""
+"""kvlab.study.sweeps (the cache-design sweeps on the tiny preset), kvlab.study.runs.measure with a cache
+object, and kvlab.study.results (the readers of recorded results, among them the committed GPU runs)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,20 @@ import pandas as pd
 import pytest
 import torch
 
-from kvlab.caches import EXACT_CACHES, kv_bytes
+from kvlab.caches import EXACT_CACHES, kv_bytes, make_cache
 from kvlab.config import preset
 from kvlab.loaders import random_model
 from kvlab.study.probes import prompt_ids
-from kvlab.study.results import leak_vs_model, load_results, peak_breakdown, speed_summary
+from kvlab.study.results import (
+    fast_summary,
+    leak_vs_model,
+    load_fast_kernels,
+    load_fast_runs,
+    load_results,
+    peak_breakdown,
+    speed_summary,
+)
+from kvlab.study.runs import measure
 from kvlab.study.sweeps import ragged_batch, sweep_caches, time_caches, token_agreement, usable_caches
 
 GPU_DATA = Path(__file__).resolve().parent.parent / "data" / "gpu"
@@ -114,3 +123,62 @@ def test_recorded_gpu_results_agree_with_the_analytic_model() -> None:
     # The rerun commands point at the folders, relative to the repository root they are run from.
     for name, command in results.commands().items():
         assert f"--out data/gpu/{name}" in command, command
+
+
+def test_measure_takes_a_cache_object_and_tells_its_phases(model: torch.nn.Module) -> None:
+    phases: list[str] = []
+    given = measure(model, make_cache("concat", CONFIG), 6, explain=True, phase=phases.append)
+    named = measure(model, "concat", 6, explain=True)
+    assert phases == ["decode", "explain"]
+    assert given.cache == "concat" and given.kv_expected is None and named.kv_expected == named.kv_nbytes
+    assert given.end_bytes == named.end_bytes and given.kv_nbytes == named.kv_nbytes
+    assert torch.equal(given.generated, named.generated)
+    assert given.retention is not None and given.retention.graph_nodes == named.retention.graph_nodes
+    with pytest.raises(ValueError, match="cache name"):
+        measure(model, make_cache("concat", CONFIG), 2, warmup=1)
+
+
+GPU_FAST = GPU_DATA / "h200-fast"
+
+
+@pytest.mark.skipif(not GPU_FAST.is_dir(), reason="no recorded fast-path runs in data/gpu/h200-fast")
+def test_recorded_fast_runs_reproduce_the_benchmark_summary() -> None:
+    fast = load_fast_runs(GPU_FAST)
+    summary = fast_summary(fast)
+    assert len(summary) >= 1 and (fast["repeats"] >= 1).all()
+    for run, row in summary.iterrows():
+        recorded = json.loads((GPU_FAST / str(run) / "fast.json").read_text())["summary"]
+        assert row["roofline_bf16"] == pytest.approx(recorded["roofline_bf16_tok_per_s"])
+        assert row["roofline_int8"] == pytest.approx(recorded["roofline_int8_tok_per_s"])
+        for ours, theirs in (("bf16_share", "bf16_share_of_roofline"), ("int8_over_bf16", "int8_over_bf16"),
+                             ("bf16_over_transformers", "bf16_over_hf_fastest")):
+            assert [row[ours], row[f"{ours}_min"], row[f"{ours}_max"]] == pytest.approx(
+                [recorded[theirs]["median"], recorded[theirs]["min"], recorded[theirs]["max"]])
+        assert row["transformers"] == recorded["hf_fastest"]
+    kvlab = fast[fast["library"] == "kvlab"]
+    assert kvlab["tf_agreement"].between(0, 1).all() and (kvlab["roofline_share"] < 1).all()
+    assert f"--out data/gpu/h200-fast/{fast['run'].iloc[0]}" in fast["command"].iloc[0]
+    kernels = load_fast_kernels(GPU_FAST)
+    assert {"matrix", "kernel", "us", "GBps", "run"} <= set(kernels.columns) and (kernels["GBps"] > 0).all()
+
+
+def _write_fast_run(folder: Path, csv_speeds: list[float]) -> None:
+    folder.mkdir(parents=True)
+    meta = {"bandwidth": {"bandwidth_Bps": 1e12}, "paths": {"bf16": {
+        "loader": "inference", "bytes_per_token": 1e10, "tok_per_s": {"runs": [50.0, 60.0, 70.0]},
+        "teacher_forced": {"positions": 10, "argmax_equal": 9, "max_gap": 0.5, "max_gap_bf16_spacings": 2.0}}}}
+    (folder / "fast.json").write_text(json.dumps(meta))
+    pd.DataFrame({"path": "bf16", "repeat": range(len(csv_speeds)), "tok_per_s": csv_speeds}).to_csv(
+        folder / "fast.csv", index=False)
+
+
+def test_load_fast_runs_reads_the_repeats_and_refuses_a_mismatch(tmp_path: Path) -> None:
+    _write_fast_run(tmp_path / "good", [70.0, 50.0, 60.0])
+    row = load_fast_runs(tmp_path / "good").iloc[0]
+    assert (row["tok_per_s"], row["tok_per_s_min"], row["tok_per_s_max"]) == (60.0, 50.0, 70.0)
+    assert row["roofline_tok_per_s"] == 100.0 and row["roofline_share"] == 0.6 and row["tf_agreement"] == 0.9
+    _write_fast_run(tmp_path / "bad", [50.0, 60.0, 71.0])
+    with pytest.raises(ValueError, match="bad: fast.csv's bf16 repeats"):
+        load_fast_runs(tmp_path / "bad")
+    with pytest.raises(FileNotFoundError, match="no fast-path results"):
+        load_fast_runs(tmp_path / "good" / "missing")

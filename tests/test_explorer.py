@@ -104,6 +104,16 @@ def test_widget_ui_builds_and_remeasures_without_a_kernel(tmp_path, monkeypatch:
     assert "ok" in verdict.value and "LEAK" not in verdict.value and bytes(image.value) != first
 
 
+def test_widget_ui_shows_a_run_already_measured(explored) -> None:
+    pytest.importorskip("ipywidgets")
+    from kvlab.study.explorer import explorer
+
+    e = explored["inference", "static"]
+    bar, verdict, image = explorer(shown=e).children
+    assert [c.value for c in bar.children] == ["inference", "static", TOKENS, 2]
+    assert verdict.value.endswith(e.line().split(":", 1)[1].replace("'", "&#x27;"))
+
+
 def test_kvlab_imports_without_ipywidgets() -> None:
     code = ("import sys; sys.modules['ipywidgets'] = None\n"  # any import of it now fails
             "import kvlab, kvlab.study.explorer\n"

@@ -10,7 +10,8 @@ Measured runs
 Runs side by side
     :mod:`.tables` (several runs as tables), :mod:`.sweeps` (the cache designs), :mod:`.cachecheck`
     (the before/after performance test of a cache change), :mod:`.reproduce` (``kvlab reproduce``),
-    :mod:`.controls` (control experiments).
+    :mod:`.controls` (control experiments), :mod:`.explorer` (loader x cache x tokens x batch, live in
+    JupyterLab), :mod:`.guard_demo` (the leak guard as a pytest file, run by notebook 4).
 Models, records and figures
     :mod:`.memmodel` (the analytic memory model), :mod:`.records` (the one metadata writer),
     :mod:`.results` (readers of recorded results), :mod:`.plotting`, :mod:`.figures`,

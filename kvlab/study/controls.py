@@ -7,7 +7,9 @@ weights leak and frozen ones do not; these controls take the explanation apart:
   trainable. Is it the integer dtype that keeps quantized models clean, or the absence of any leaf
   that requires grad?
 - :class:`DetachingCache`: a concat cache that ``detach()``\\ es what it stores, as Candle's
-  ``ConcatKvCache`` later did defensively. What does it save, and what does it leave?
+  ``ConcatKvCache`` later did defensively. What does it save, and what does it leave? It is measured
+  like every other run, by :func:`kvlab.study.runs.measure`, which takes a cache object as well as a
+  design's name.
 - :func:`cat_transients`: ``torch.cat`` holds the old and the new cache at once for an instant
   (transformers #25930 / PR #30536). A transient peak that returns every step is not a leak, and the
   tracer tells the two apart.
@@ -16,8 +18,6 @@ weights leak and frozen ones do not; these controls take the explanation apart:
   thread its own allocator arena, measured in a fresh child process.
 - :func:`decode_flops` and :func:`decode_ops`: costs as counts (matmul FLOPs, operators dispatched per
   step), which do not depend on how busy the machine is, unlike a clock.
-- :func:`trace_decode`: a traced decode of an already-built model with any cache object, for the
-  controls above whose model or cache is not one of the named loaders or designs.
 """
 
 from __future__ import annotations
@@ -25,9 +25,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import tempfile
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +36,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from kvlab.caches import ConcatCache, KVCache, kv_bytes, make_cache
 from kvlab.config import MistralConfig
-from kvlab.generate import Generation, generate
+from kvlab.generate import generate
 from kvlab.loaders import load_model
-from kvlab.memory.retention import RetentionReport, explain
 from kvlab.memory.rss import rss_bytes
 from kvlab.memory.trace import MemoryTracer
 
 from .isolated import run_isolated
 from .probes import prompt_ids
 
-__all__ = ["DetachingCache", "int8_with_trainable_floats", "TracedDecode", "trace_decode", "cat_transients",
-           "loading_rss", "release_freed_heap", "decode_flops", "decode_ops"]
+__all__ = ["DetachingCache", "int8_with_trainable_floats", "cat_transients", "loading_rss", "release_freed_heap",
+           "decode_flops", "decode_ops"]
 
 
 class DetachingCache(ConcatCache):
@@ -81,51 +78,6 @@ def int8_with_trainable_floats(directory: str | Path,
             p.requires_grad_(True)
             names.append(name)
     return model, names
-
-
-@dataclass
-class TracedDecode:
-    """A traced decode of a given model and cache. Bytes exclude the weights (the tracer's baseline)."""
-
-    timeline: pd.DataFrame  # step, tokens, live_bytes, peak_bytes ... per decode step
-    by_site: pd.DataFrame  # the tracer's heaptrack-style table: alive_end_bytes, allocated_bytes ... per site
-    end_bytes: int
-    kv_nbytes: int
-    retention: RetentionReport
-    generated: Tensor
-
-    @property
-    def beyond_cache_bytes(self) -> int:
-        return self.end_bytes - self.kv_nbytes
-
-    def live_at(self, tokens: int) -> int:
-        return int(self.timeline.loc[self.timeline["tokens"] == tokens, "live_bytes"].iloc[0])
-
-
-def trace_decode(model: nn.Module, cache: KVCache | None, tokens: int, *, prompt_len: int = 1,
-                 inference_mode: bool = False, phase: Callable[[str], None] | None = None) -> TracedDecode:
-    """Greedy-decode ``tokens`` tokens from kvlab's standard prompt under the exact tracer, then
-    ask the retention explainer what the cache and the last logits keep. The generation is dropped
-    before returning. ``phase`` (e.g. a memory monitor's ``mark``) is told ``"decode"`` and ``"explain"``
-    as each begins."""
-    device = next(model.parameters()).device
-    prompt = prompt_ids(model.config.vocab_size, prompt_len, device=device)
-    phase = phase or (lambda name: None)
-    gc.collect()
-    phase("decode")
-    with MemoryTracer(device=device.type) as tracer:
-        gen: Generation = generate(model, prompt, tokens, cache=cache, on_step=tracer.mark_step,
-                                   inference_mode=inference_mode)
-    phase("explain")
-    report = explain(gen.cache, gen.logits, model=model, tracer=tracer)
-    timeline = tracer.timeline()
-    timeline.insert(1, "tokens", timeline["step"] + 1)
-    result = TracedDecode(timeline=timeline, by_site=tracer.by_site(), end_bytes=tracer.end_bytes,
-                          kv_nbytes=int(cache.nbytes) if cache is not None else 0, retention=report,
-                          generated=gen.tokens[:, prompt_len:].cpu())
-    del gen, tracer
-    gc.collect()
-    return result
 
 
 def cat_transients(config: MistralConfig, tokens: int, *, hold_previous: bool = False, seed: int = 0) -> pd.DataFrame:

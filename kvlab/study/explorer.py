@@ -21,6 +21,7 @@ ipywidgets is imported inside :func:`explorer` only: ``import kvlab.study.explor
 
 from __future__ import annotations
 
+import copy
 import html
 import io
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from kvlab.caches import CACHES
 from kvlab.config import MistralConfig
@@ -56,6 +58,11 @@ BATCH_RANGE = (1, 8)
 SLIDING_WINDOW = 32
 
 
+_ALIVE, _NBYTES = "alive beyond the weights (exact tracer)", "the cache's own nbytes"
+#: Legend labels of the lines drawn in a run's colours, as a grid of several runs labels them.
+_COLOURED = {_ALIVE: f"{_ALIVE}, in the loader's colour", _NBYTES: f"{_NBYTES}, in the cache's colour"}
+
+
 @dataclass
 class Exploration:
     """One explored configuration: the measured run and its figure."""
@@ -69,20 +76,25 @@ class Exploration:
         """The leak guard's verdict: "LEAK" or "ok" ("n/a" when the run stopped early)."""
         return self.run.leak.verdict if self.run.leak is not None else "n/a"
 
+    def _kept(self, part: str) -> int:
+        """One figure of what the state keeps after the last token (0 for a run that stopped before it)."""
+        retained = self.run.retained.get(self.run.tokens)
+        return getattr(retained, part) if retained is not None else 0
+
     @property
     def kept_bytes(self) -> int:
         """What the returned state (cache, logits, and any graph behind them) keeps after the last token."""
-        return self.run.retained[self.run.tokens].total_bytes
+        return self._kept("total_bytes")
 
     @property
     def cache_bytes(self) -> int:
         """The K/V-shaped tensors among what is kept (the leak guard's ``cache_bytes``)."""
-        return self.run.retained[self.run.tokens].cache_bytes
+        return self._kept("cache_bytes")
 
     @property
     def graph_bytes(self) -> int:
         """Bytes held only by an autograd graph behind the state: the leak."""
-        return self.run.retained[self.run.tokens].saved_bytes
+        return self._kept("saved_bytes")
 
     @property
     def kv_bytes(self) -> int | None:
@@ -165,12 +177,12 @@ def draw(ax: Axes, exploration: Exploration, *, panel_title: bool = True) -> flo
     x = frame["tokens"].to_numpy()
     color = loader_color(run.loader)
     ax.plot(x, frame["cache_bytes"] / MiB, color=cache_color(run.cache), lw=7, alpha=0.35, solid_capstyle="butt",
-            label="the cache's own nbytes")
+            label=_NBYTES)
     if "kv_analytic_bytes" in frame:
         ax.plot(x, frame["kv_analytic_bytes"].astype(float) / MiB, label="KV cache, analytic (kv_bytes)",
                 **REFERENCE["kv"])
     if "live_bytes" in frame:
-        ax.plot(x, frame["live_bytes"] / MiB, color=color, lw=1.8, label="alive beyond the weights (exact tracer)")
+        ax.plot(x, frame["live_bytes"] / MiB, color=color, lw=1.8, label=_ALIVE)
     if run.retained:
         steps = sorted(run.retained)
         ax.plot(steps, [run.retained[n].total_bytes / MiB for n in steps], "o", ms=9, mfc="none", mec="black",
@@ -180,19 +192,27 @@ def draw(ax: Axes, exploration: Exploration, *, panel_title: bool = True) -> flo
     if panel_title:
         ax.set_title(f"{run.loader} loader, {run.cache} cache, batch {exploration.batch}", color=color)
     leak = exploration.verdict == "LEAK"
-    note = (f"LEAK: {fmt_bytes(exploration.graph_bytes)} held by a graph" if leak else
-            f"{exploration.verdict}: keeps {fmt_bytes(exploration.kept_bytes)}") + \
-        f", KV cache {fmt_bytes(exploration.cache_bytes)}"
+    kv = f", KV cache {fmt_bytes(exploration.cache_bytes)}"
+    note = {"LEAK": f"LEAK: {fmt_bytes(exploration.graph_bytes)} held by a graph{kv}",
+            "ok": f"ok: keeps {fmt_bytes(exploration.kept_bytes)}{kv}"}.get(
+        exploration.verdict, f"n/a: {run.status} after {len(frame)} tokens")
     ax.text(0.98, 0.04, note, transform=ax.transAxes, ha="right", va="bottom", fontsize="small", weight="bold",
             color="white" if leak else "black",
             bbox={"boxstyle": "round,pad=0.3", "fc": color if leak else "white", "ec": color})
     columns = [c for c in ("cache_bytes", "kv_analytic_bytes", "live_bytes") if c in frame]
-    drawn = [float(np.nanmax(frame[columns].to_numpy(dtype=float)))] + [r.total_bytes for r in run.retained.values()]
-    return max(drawn) / MiB
+    drawn = [float(np.nanmax(frame[columns].to_numpy(dtype=float)))] if len(frame) else []
+    return max([*drawn, *(r.total_bytes for r in run.retained.values()), 1.0]) / MiB
 
 
-def _legend(fig: Figure, ax: Axes) -> None:
+def _legend(fig: Figure, ax: Axes, *, neutral: bool = False) -> None:
+    """One legend under the figure; ``neutral`` draws the run's lines in grey, for panels of several colours."""
     handles, labels = ax.get_legend_handles_labels()
+    if neutral:
+        handles = [copy.copy(h) for h in handles]
+        for handle, label in zip(handles, labels):
+            if isinstance(handle, Line2D) and label in _COLOURED:
+                handle.set_color("0.45")
+        labels = [_COLOURED.get(label, label) for label in labels]
     columns = 4 if fig.get_figwidth() >= 10 else 2  # one row under a grid, two under a single panel
     fig.legend(handles, labels, loc="outside lower center", ncols=columns, fontsize="small")
 
@@ -205,7 +225,7 @@ def plot_grid(explorations: Sequence[Exploration], *, title: str | None = None) 
     """
     loaders = list(dict.fromkeys(e.run.loader for e in explorations))
     caches = list(dict.fromkeys(e.run.cache for e in explorations))
-    fig = Figure(figsize=(5.2 * len(caches) + 1, 3.6 * len(loaders) + 1), layout="constrained")
+    fig = Figure(figsize=(4.6 * len(caches) + 0.6, 3.1 * len(loaders) + 1), layout="constrained")
     axes = np.atleast_2d(fig.subplots(len(loaders), len(caches), sharex=True, sharey="row", squeeze=False))
     tops = np.zeros(len(loaders))
     for e in explorations:
@@ -217,7 +237,7 @@ def plot_grid(explorations: Sequence[Exploration], *, title: str | None = None) 
         ax.label_outer()
         if not ax.has_data():
             ax.set_visible(False)
-    _legend(fig, axes.flat[0])
+    _legend(fig, axes.flat[0], neutral=len(loaders) > 1 or len(caches) > 1)
     if title:
         fig.suptitle(title)
     return fig
@@ -231,16 +251,20 @@ def png(figure: Figure, dpi: int = 100) -> bytes:
 
 
 def explorer(loader: str = "trainable", cache: str = "concat", tokens: int = 64, batch: int = 1,
-             preset: str = "tiny", *, device: str | torch.device = "cpu") -> ipywidgets.VBox:
+             preset: str = "tiny", *, device: str | torch.device = "cpu",
+             shown: Exploration | None = None) -> ipywidgets.VBox:
     """A JupyterLab explorer: dropdowns for the loader and the cache, sliders for tokens and batch.
 
     Every change re-runs :func:`explore` and redraws its figure under a one-line verdict; the sliders
     act when released. Returns an ``ipywidgets.VBox`` of three children: the controls (an ``HBox``
     of the four widgets, by ``description``), the verdict line (``HTML``) and the figure (``Image``).
-    The arguments are the first configuration shown, measured before this returns.
+    The arguments are the first configuration shown, measured before this returns; or ``shown``, a run
+    :func:`explore` already measured (of ``preset`` on ``device``), is shown first and sets the controls.
     """
     import ipywidgets as widgets  # only here: kvlab imports without ipywidgets
 
+    if shown is not None:
+        loader, cache, tokens, batch = shown.run.loader, shown.run.cache, shown.run.tokens, shown.batch
     _check(loader, cache, tokens, batch)
     slider = {"continuous_update": False, "style": {"description_width": "initial"}}
     controls = [widgets.Dropdown(options=list(LOADERS), value=loader, description="loader"),
@@ -251,6 +275,12 @@ def explorer(loader: str = "trainable", cache: str = "concat", tokens: int = 64,
     verdict = widgets.HTML()
     image = widgets.Image(format="png", layout=widgets.Layout(max_width="100%"))
 
+    def show(result: Exploration) -> None:
+        image.value = png(result.figure)
+        head, rest = result.line().split(":", 1)
+        colour = loader_color(result.run.loader) if result.verdict == "LEAK" else "black"
+        verdict.value = f'<b style="color:{colour}">{html.escape(head)}</b>:{html.escape(rest)}'
+
     def update(_: object = None) -> None:
         choice = {c.description: c.value for c in controls}
         verdict.value = "<i>measuring ...</i>"
@@ -259,12 +289,12 @@ def explorer(loader: str = "trainable", cache: str = "concat", tokens: int = 64,
         except (ValueError, RuntimeError) as error:  # a choice the model cannot run: say so, keep the old figure
             verdict.value = f"<b>cannot run</b>: {html.escape(str(error).splitlines()[0])}"
             return
-        image.value = png(result.figure)
-        head, rest = result.line().split(":", 1)
-        colour = loader_color(result.run.loader) if result.verdict == "LEAK" else "black"
-        verdict.value = f'<b style="color:{colour}">{html.escape(head)}</b>:{html.escape(rest)}'
+        show(result)
 
     for control in controls:
         control.observe(update, names="value")
-    update()
+    if shown is not None:
+        show(shown)
+    else:
+        update()
     return widgets.VBox([widgets.HBox(controls), verdict, image])

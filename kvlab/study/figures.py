@@ -2,9 +2,9 @@
 
 These are the figures that needed more than one call of :mod:`kvlab.study.plotting`: the mechanism
 picture (the cache's ``grad_fn`` chain and what hangs off each step, from the retention explainer's
-own graph walk), the before/after overlay of the fix, the memory monitor with its phases, and the
-real-scale leak read from the GPU recording. Notebook cells stay a line or two; the layout choices
-live here, written once, with their reasons.
+own graph walk), the before/after overlay of the fix, the memory monitor with its phases, the
+real-scale leak read from the GPU recording, and the fast decode path's runs against the roofline.
+Notebook cells stay a line or two; the layout choices live here, written once, with their reasons.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ from kvlab.memory.retention import RetentionReport
 from kvlab.memory.units import MiB
 
 from .palette import DTYPE_STYLE, LOADER_COLORS, REFERENCE, cache_color, color_of, loader_color, site_color, site_label
+from .results import FAST_LABELS
 
-__all__ = ["plot_mechanism", "plot_before_after", "plot_monitor", "plot_real_scale", "plot_speed_roofline"]
+__all__ = ["plot_mechanism", "plot_before_after", "plot_monitor", "plot_real_scale", "plot_speed_roofline",
+           "plot_fast_runs"]
 
 KiB = 1024
 
@@ -218,5 +220,57 @@ def plot_speed_roofline(speed: pd.DataFrame, *, title: str) -> Figure:
     ax.invert_yaxis()
     ax.set(title=title, xlabel="tokens/s")
     ax.legend(handles=[Patch(color=c) for c in library.values()], labels=list(library), loc="lower right")
+    ax.grid(alpha=0.3, axis="x")
+    return fig
+
+
+def _fast_color(path: Any) -> tuple[str, float]:
+    """Colour and opacity of a fast-path bar: kvlab's bf16 paths the ``inference`` loader's colour (an
+    ablation paler), int8 the ``int8`` loader's, transformers its no_grad colour."""
+    if path.library == "transformers":
+        return color_of("transformers, no_grad"), 1.0
+    return loader_color(path.loader or "inference"), 1.0 if path.path in ("bf16", "int8") else 0.45
+
+
+def plot_fast_runs(fast: pd.DataFrame, *, title: str) -> Figure:
+    """Tokens/s of each path in each ``bench_fast.py`` run (:func:`~kvlab.study.results.load_fast_runs`)
+    as horizontal bars, one per run and path (runs told apart by hatching; whiskers span the repeats'
+    min..max), with the bf16 and int8 rooflines of the runs as reference lines."""
+    runs = sorted(fast["run"].unique())
+    order = list(dict.fromkeys(FAST_LABELS.values()))  # one row per path label, kvlab's first
+    labels = sorted(dict.fromkeys(fast["label"]), key=lambda x: order.index(x) if x in order else len(order))
+    height = 0.8 / len(runs)
+    hatches = ["", "//", "..", "xx"]
+    fig = Figure(figsize=(10.5, 1.2 + 0.6 * len(labels) * len(runs)), layout="constrained")
+    ax = fig.add_subplot()
+    for i, run in enumerate(runs):
+        for path in fast[fast["run"] == run].itertuples():
+            y = labels.index(path.label) + (i - (len(runs) - 1) / 2) * height
+            color, alpha = _fast_color(path)
+            spread = [[path.tok_per_s - path.tok_per_s_min], [path.tok_per_s_max - path.tok_per_s]]
+            ax.barh(y, path.tok_per_s, height=height * 0.9, color=color, alpha=alpha, hatch=hatches[i % len(hatches)],
+                    edgecolor="white", xerr=spread, error_kw={"ecolor": "0.2", "capsize": 2, "lw": 0.8})
+            ax.annotate(f"{path.tok_per_s:.0f}" + (f"\n{path.settings}" if path.settings else ""),
+                        (path.tok_per_s_max, y), xytext=(4, 0), textcoords="offset points", va="center",
+                        fontsize="small", linespacing=1.0)
+        for label in set(labels) - set(fast.loc[fast["run"] == run, "label"]):
+            ax.annotate(f"not run in {run}", (0, labels.index(label) + (i - (len(runs) - 1) / 2) * height),
+                        xytext=(4, 0), textcoords="offset points", va="center", fontsize="small", color="0.4")
+    handles, names = [], []
+    for loader, style in (("inference", "model"), ("int8", "guide")):
+        roof = fast.loc[fast["loader"] == loader, "roofline_tok_per_s"]
+        if len(roof):
+            low, high = roof.min(), roof.max()
+            handles.append(ax.axvline((low + high) / 2, **{**REFERENCE[style], "color": "black"}))
+            names.append(f"roofline, {'bf16' if loader == 'inference' else 'int8'} weights: "
+                         f"{low:.1f}" + (f"–{high:.1f}" if round(high, 1) != round(low, 1) else "") + " tok/s")
+    for i, run in enumerate(runs):
+        handles.append(Patch(facecolor="0.55", hatch=hatches[i % len(hatches)], edgecolor="white"))
+        names.append(f"{run} ({str(fast.loc[fast['run'] == run, 'date'].iloc[0])[:10]})")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()
+    ax.set(title=title, xlabel="tokens/s (batch 1, greedy; bars: median of the repeats, whiskers: min..max)")
+    ax.set_xlim(0, 1.08 * max(fast["roofline_tok_per_s"].max(), fast["tok_per_s_max"].max()))
+    ax.legend(handles, names, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize="small")
     ax.grid(alpha=0.3, axis="x")
     return fig

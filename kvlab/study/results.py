@@ -4,8 +4,10 @@
 ``meta.json``, ``incident.csv``) into :class:`RecordedResults`; :func:`leak_vs_model` puts a leaking
 run next to the analytic model of :mod:`kvlab.study.memmodel`; :func:`peak_breakdown` splits a fixed
 run's peak into weights, KV cache and one step's working set; :func:`speed_summary` tabulates kvlab
-and transformers tokens/s against the roofline. The committed GPU results (``data/gpu/``) are read
-through these, by notebook 6 and by the tests.
+and transformers tokens/s against the roofline. :func:`load_fast_runs`, :func:`fast_summary` and
+:func:`load_fast_kernels` read what ``benchmarks/bench_fast.py`` wrote (``fast.json`` + ``fast.csv``):
+the fast decode path against the roofline and transformers, one folder per run. The committed GPU
+results (``data/gpu/``) are read through these, by notebook 6 and by the tests.
 """
 
 from __future__ import annotations
@@ -24,9 +26,16 @@ from kvlab.config import MistralConfig
 
 from .memmodel import leak_curve, step_transient_bytes
 
-__all__ = ["RESULT_FILES", "RecordedResults", "load_results", "leak_vs_model", "peak_breakdown", "speed_summary"]
+__all__ = ["RESULT_FILES", "RecordedResults", "load_results", "leak_vs_model", "peak_breakdown", "speed_summary",
+           "FAST_FILES", "FAST_LABELS", "load_fast_runs", "fast_summary", "load_fast_kernels"]
 
 RESULT_FILES = ("meta.json", "runs.csv", "steps.csv")
+FAST_FILES = ("fast.json", "fast.csv")
+#: Readable names of ``bench_fast.py``'s paths; transformers' two settings are one path, timed two ways.
+FAST_LABELS = {"bf16": "kvlab fast, bf16", "bf16-unfused": "kvlab fast, bf16, projections not fused",
+               "bf16-untuned": "kvlab fast, bf16, default inductor settings", "int8": "kvlab fast, int8",
+               "hf": "transformers generate, static cache, compiled",
+               "hf-tuned": "transformers generate, static cache, compiled"}
 
 
 @dataclass
@@ -86,14 +95,18 @@ class RecordedResults:
 
     def commands(self) -> dict[str, str]:
         """The command each source was recorded with, its ``--out`` pointing at the source's folder."""
-        repo = Path(__file__).resolve().parents[2]  # the repository root (kvlab/study/results.py)
-        out = {}
-        for name, meta in self.metas.items():
-            where = (self.root if name == "." else self.root / name).resolve()
-            if where.is_relative_to(repo):  # as run from the repository root
-                where = where.relative_to(repo)
-            out[name] = re.sub(r"--out \S+", f"--out {where.as_posix()}", meta.get("command", ""))
-        return out
+        return {name: _rerun(meta.get("command", ""), self.root if name == "." else self.root / name)
+                for name, meta in self.metas.items()}
+
+
+def _rerun(command: str, folder: Path) -> str:
+    """``command`` with its ``--out`` pointing at ``folder``, relative to the repository root if inside it
+    (the commands are run from there)."""
+    repo = Path(__file__).resolve().parents[2]  # the repository root (kvlab/study/results.py)
+    where = folder.resolve()
+    if where.is_relative_to(repo):
+        where = where.relative_to(repo)
+    return re.sub(r"--out \S+", f"--out {where.as_posix()}", command)
 
 
 def _is_result_dir(path: Path) -> bool:
@@ -203,3 +216,100 @@ def speed_summary(results: RecordedResults) -> pd.DataFrame:
                              roofline_share=speed / roofline if roofline else np.nan))
     columns = ["library", "path", "tokens_per_s", "peak_bytes", "roofline_share"]
     return pd.DataFrame(rows, columns=columns).sort_values("tokens_per_s", ascending=False, ignore_index=True)
+
+
+def _fast_dirs(root: str | Path) -> list[Path]:
+    """``root`` if it holds a ``bench_fast.py`` output, else each subfolder that does (sorted)."""
+    root = Path(root)
+    has = lambda d: all((d / name).is_file() for name in FAST_FILES)  # noqa: E731
+    dirs = [root] if has(root) else sorted(p for p in root.glob("*/") if has(p))
+    if not dirs:
+        raise FileNotFoundError(f"{root}: no fast-path results (fast.json + fast.csv) here or in its subfolders; "
+                                "record them with `python benchmarks/bench_fast.py --out DIR`")
+    return dirs
+
+
+def load_fast_runs(root: str | Path) -> pd.DataFrame:
+    """Every path of every ``bench_fast.py`` run under ``root``: one row per run (folder) and path.
+
+    Speeds come from ``fast.csv`` (one row per timed repeat): ``tok_per_s`` (median), ``tok_per_s_min``,
+    ``tok_per_s_max``; a ``ValueError`` names the folder when they are not the repeats ``fast.json``
+    records. ``roofline_tok_per_s`` is the run's copy bandwidth over the bytes one decode step of the
+    path's weights reads (transformers' paths: the bf16 path's bytes, the same weights) and
+    ``roofline_share`` the median's share of it. Teacher-forced agreement with the eager model
+    (``tf_agreement``, ``tf_max_gap``, ``tf_max_gap_bf16_spacings``: the largest gap at a disagreement)
+    for kvlab's paths; ``settings`` says which inductor settings a transformers path was compiled with.
+    """
+    rows = []
+    for folder in _fast_dirs(root):
+        meta = json.loads((folder / "fast.json").read_text())
+        repeats = pd.read_csv(folder / "fast.csv")
+        bandwidth = float(meta["bandwidth"]["bandwidth_Bps"])
+        bf16_bytes = meta["paths"].get("bf16", {}).get("bytes_per_token")
+        for path, result in meta["paths"].items():
+            speeds = repeats.loc[repeats["path"] == path, "tok_per_s"]
+            if "tok_per_s" not in result:  # a path that failed or ran out of budget
+                continue
+            if not np.allclose(sorted(speeds), sorted(result["tok_per_s"]["runs"]), rtol=1e-9):
+                raise ValueError(f"{folder}: fast.csv's {path} repeats {list(speeds)} are not fast.json's")
+            transformers = "cache_implementation" in result
+            per_token = bf16_bytes if transformers else result.get("bytes_per_token")
+            roofline = bandwidth / per_token if per_token else np.nan
+            tf = result.get("teacher_forced", {})
+            rows.append({
+                "run": folder.name, "date": meta.get("date", ""), "device": meta.get("device", {}).get("name", ""),
+                "preset": meta.get("preset", ""), "command": _rerun(meta.get("command", ""), folder),
+                "path": path, "label": FAST_LABELS.get(path, path),
+                "library": "transformers" if transformers else "kvlab", "loader": result.get("loader"),
+                "settings": ("kvlab's inductor settings" if result.get("tuned") else "default inductor settings")
+                if transformers else "", "repeats": len(speeds),
+                "tok_per_s": float(speeds.median()), "tok_per_s_min": float(speeds.min()),
+                "tok_per_s_max": float(speeds.max()), "bandwidth_Bps": bandwidth, "bytes_per_token": per_token,
+                "roofline_tok_per_s": roofline, "roofline_share": float(speeds.median()) / roofline,
+                "tf_positions": tf.get("positions", np.nan), "tf_argmax_equal": tf.get("argmax_equal", np.nan),
+                "tf_max_gap": tf.get("max_gap", np.nan),
+                "tf_max_gap_bf16_spacings": tf.get("max_gap_bf16_spacings", np.nan),
+                "free_running_equal_prefix": result.get("free_running_equal_prefix", np.nan),
+                "free_running_compared": result.get("free_running_compared", np.nan)})
+    out = pd.DataFrame(rows)
+    out["tf_agreement"] = out["tf_argmax_equal"] / out["tf_positions"]
+    return out
+
+
+def fast_summary(fast: pd.DataFrame) -> pd.DataFrame:
+    """One row per run of :func:`load_fast_runs`: the bf16 and int8 rooflines, the bf16 path's share of
+    its roofline (median, min, max over the repeats), and the ratios int8 / bf16 and bf16 / transformers'
+    fastest path (median over median; ``_min``/``_max`` pair the extremes, as ``bench_fast.py`` prints)."""
+    rows = []
+    for run, paths in fast.groupby("run", sort=True):
+        paths = paths.set_index("path")
+        bf16 = paths.loc["bf16"]
+        row: dict[str, Any] = {"run": run, "bandwidth_TBps": bf16["bandwidth_Bps"] / 1e12,
+                               "roofline_bf16": bf16["roofline_tok_per_s"],
+                               "bf16_share": bf16["roofline_share"],
+                               "bf16_share_min": bf16["tok_per_s_min"] / bf16["roofline_tok_per_s"],
+                               "bf16_share_max": bf16["tok_per_s_max"] / bf16["roofline_tok_per_s"]}
+        if "int8" in paths.index:
+            row["roofline_int8"] = paths.loc["int8", "roofline_tok_per_s"]
+            row.update(_speed_ratio("int8_over_bf16", paths.loc["int8"], bf16))
+        hf = paths[paths["library"] == "transformers"]
+        if len(hf):
+            fastest = hf["tok_per_s"].idxmax()
+            row["transformers"], row["transformers_tok_per_s"] = fastest, hf.loc[fastest, "tok_per_s"]
+            row.update(_speed_ratio("bf16_over_transformers", bf16, hf.loc[fastest]))
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("run")
+
+
+def _speed_ratio(name: str, top: pd.Series, bottom: pd.Series) -> dict[str, float]:
+    """Median over median, and the range the repeats' extremes allow."""
+    return {name: top["tok_per_s"] / bottom["tok_per_s"], f"{name}_min": top["tok_per_s_min"] / bottom["tok_per_s_max"],
+            f"{name}_max": top["tok_per_s_max"] / bottom["tok_per_s_min"]}
+
+
+def load_fast_kernels(root: str | Path) -> pd.DataFrame:
+    """The per-matrix kernel tables (``gemv`` in ``fast.json``) of the runs under ``root``: one row per run,
+    weight matrix and kernel, with ``us`` per call and ``GBps`` of weights read (``run`` names the folder)."""
+    tables = [pd.DataFrame(json.loads((d / "fast.json").read_text()).get("gemv", [])).assign(run=d.name)
+              for d in _fast_dirs(root)]
+    return pd.concat(tables, ignore_index=True)

@@ -1,10 +1,11 @@
 """One measured decode run: model + loader + cache + prompt + probes, and the result as one object.
 
-The investigation's measured decodes go through :func:`measure`: the notebooks' runs (through
-:func:`measure_decode`, which loads a checkpoint first), ``kvlab reproduce``, ``kvlab demo``, the
-cache sweeps, the GPU experiments, the cache-change test and the loader benchmark. It takes a loaded model (kvlab's, or
-transformers' driven by :func:`kvlab.study.hf.greedy`), builds the cache inside the measured region,
-decodes from the prompt of :func:`~kvlab.study.probes.prompt_ids`, and returns a :class:`DecodeRun`:
+The investigation's measured decodes go through :func:`measure` (:func:`measure_decode` loads a checkpoint
+first): the notebooks' runs and controls, ``kvlab reproduce``, ``kvlab demo``, the cache sweeps, the GPU
+experiments, the cache-change test and the loader benchmark. It takes a loaded model (kvlab's, or
+transformers' driven by :func:`kvlab.study.hf.greedy`) and a cache design, built inside the measured
+region (or a control's cache object), decodes from :func:`~kvlab.study.probes.prompt_ids`' prompt, and
+returns a :class:`DecodeRun`:
 
 - per step (:class:`~kvlab.study.probes.StepProbe`): time, cache bytes next to the analytic KV size,
   RSS, CUDA's counters, and with ``trace=True`` the exact live and peak tensor bytes of
@@ -148,8 +149,10 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _cache_factory(model: nn.Module, kind: str | None, batch: int, options: dict[str, Any]) -> Callable[[int], Any]:
-    """``new(max_tokens)`` building a fresh ``kind`` cache for ``model`` (``None``/"none": no cache)."""
+def _cache_factory(model: nn.Module, kind: Any, batch: int, options: dict[str, Any]) -> Callable[[int], Any]:
+    """``new(max_tokens)``: a fresh ``kind`` cache for ``model`` (``None``/"none": no cache; an object: itself)."""
+    if not _is_name(kind):
+        return lambda max_tokens: kind
     if hf.is_transformers(model):
         return lambda max_tokens: hf.new_cache(model, kind or "DynamicCache", max_tokens)
     if kind in (None, "none"):
@@ -159,10 +162,14 @@ def _cache_factory(model: nn.Module, kind: str | None, batch: int, options: dict
                                          dtype=weight.dtype, **options)
 
 
-def _analytic_kv(model: nn.Module, kind: str | None, batch: int, max_tokens: int,
+def _is_name(cache: Any) -> bool:
+    return cache is None or isinstance(cache, str)
+
+
+def _analytic_kv(model: nn.Module, kind: Any, batch: int, max_tokens: int,
                  options: dict[str, Any]) -> Callable[[int], int | None] | None:
-    """Positions -> the closed-form KV bytes of a kvlab cache (None where no closed form covers it)."""
-    if hf.is_transformers(model):
+    """Positions -> the closed-form KV bytes of a kvlab cache built here (None where no closed form covers it)."""
+    if hf.is_transformers(model) or not _is_name(kind):
         return None
     if kind in (None, "none"):
         return lambda positions: 0
@@ -183,31 +190,37 @@ def _grad_mode(grad: bool | None, inference_mode: bool) -> contextlib.AbstractCo
     return contextlib.nullcontext() if grad is None else torch.set_grad_enabled(grad)
 
 
-def measure(model: nn.Module, cache: str | None = "concat", tokens: int = 256, *, loader: str = "",
+def measure(model: nn.Module, cache: Any = "concat", tokens: int = 256, *, loader: str = "",
             prompt: Tensor | None = None, prompt_len: int = 1, batch: int = 1, seed: int = 0,
             trace: bool = True, frames: bool = True, retained: bool = False, explain: bool = False,
             rss: bool = False, kv_reads: bool = False, grad: bool | None = None, inference_mode: bool = False,
             warmup: int = 0, deadline: float | None = None, progress: bool = False,
-            on_step: Callable[[Any], Any] | None = None, cache_options: dict[str, Any] | None = None) -> DecodeRun:
+            on_step: Callable[[Any], Any] | None = None, phase: Callable[[str], Any] | None = None,
+            cache_options: dict[str, Any] | None = None) -> DecodeRun:
     """Greedily decode ``tokens`` tokens with a fresh ``cache`` cache and measure the run.
 
     ``cache``: a kvlab design (:data:`kvlab.caches.CACHES`), ``None``/"none" (recompute the whole sequence
-    each step), or for a transformers model "DynamicCache"/"StaticCache". ``prompt``: (B, T) ids;
-    default :func:`~kvlab.study.probes.prompt_ids` of ``prompt_len`` tokens, ``batch`` rows, ``seed``.
-    ``loader`` only labels the run.
+    each step), for a transformers model "DynamicCache"/"StaticCache", or a cache object (a control such
+    as :class:`kvlab.study.controls.DetachingCache`), used as it is: what it allocated when built is not
+    the run's, and it has no analytic size. ``prompt``: (B, T) ids; default
+    :func:`~kvlab.study.probes.prompt_ids` of ``prompt_len`` tokens, ``batch`` rows, ``seed``. ``loader``
+    only labels the run.
 
     Probes: ``trace`` (exact tracer; ``frames`` attributes code outside regions to Python lines),
     ``retained`` (kept bytes after N/2 and N tokens and the leak verdict), ``explain`` (retention
     report at the end), ``rss`` (process RSS per step), ``kv_reads`` (K/V bytes attention reads per
     step, kvlab caches). Grad mode: ``grad=None`` leaves it as it is (the incident's ordinary loop),
     ``False``/``True`` sets it; ``inference_mode=True`` decodes under ``torch.inference_mode()``.
-    ``warmup`` tokens are decoded first with a throwaway cache, unmeasured. Past ``deadline`` (a
-    ``time.perf_counter()`` value) the run stops as "capped"; out of memory it stops as "oom".
+    ``warmup`` tokens are decoded first with a throwaway cache, unmeasured (a cache name only). ``on_step``
+    gets each step (kvlab's ``Step``); ``phase`` (a memory monitor's ``mark``, say) is told ``"decode"``
+    and ``"explain"`` as each begins. Past ``deadline`` (a ``time.perf_counter()`` value) the run stops
+    as "capped"; out of memory it stops as "oom".
     Garbage is collected first when memory is measured (a full collection takes a good part of a
     second; untraced speed runs skip it).
     """
-    device = _device_of(model)
-    config = model.config
+    if warmup and not _is_name(cache):
+        raise ValueError("warmup decodes with a throwaway cache: pass a cache name, not a cache object")
+    device, config, phase = _device_of(model), model.config, phase or (lambda name: None)
     options = dict(cache_options or {})
     if prompt is None:
         prompt = prompt_ids(config.vocab_size, prompt_len, batch=batch, seed=seed, device=device)
@@ -215,7 +228,6 @@ def measure(model: nn.Module, cache: str | None = "concat", tokens: int = 256, *
     max_tokens = prompt_len + tokens
     new_cache = _cache_factory(model, cache, batch, options)
     loop = hf.greedy if hf.is_transformers(model) else generate
-
     if warmup:  # first-call allocations (thread pools, kernels, allocator pools) are not the run's cost
         with torch.no_grad():
             loop(model, prompt, warmup, new_cache(prompt_len + warmup))
@@ -228,6 +240,7 @@ def measure(model: nn.Module, cache: str | None = "concat", tokens: int = 256, *
     status, detail, reads, kv_cache, result = "ok", "", None, None, None
     if trace or retained or rss or device.type == "cuda":
         cleanup(device)  # earlier work's garbage must not be freed (or counted) inside this run
+    phase("decode")
     start = time.perf_counter()
     try:
         probe.begin()
@@ -258,11 +271,13 @@ def measure(model: nn.Module, cache: str | None = "concat", tokens: int = 256, *
         leak = compare_retained(probe.retained[half], probe.retained[tokens], tokens - half, config=config)
     report = None
     if explain and result is not None:
+        phase("explain")
         report = explain_retention(result.cache, result.logits, model=model, tracer=tracer)
     last = frame.iloc[-1] if len(frame) else None
     kv_expected = last.get("kv_analytic_bytes") if last is not None else None
+    label = (cache or "none") if _is_name(cache) else getattr(cache, "kind", "") or type(cache).__name__
     run = DecodeRun(
-        loader=loader, cache=cache or "none", tokens=tokens, device=str(device), config=config, timeline=frame,
+        loader=loader, cache=label, tokens=tokens, device=str(device), config=config, timeline=frame,
         site_table=tracer.site_table() if tracer is not None else pd.DataFrame(),
         by_site=tracer.by_site() if tracer is not None else pd.DataFrame(),
         weights_bytes=model_bytes(model), weights_expected=_weights_expected(model, loader),
