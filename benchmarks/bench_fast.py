@@ -4,7 +4,7 @@ Everything is measured in one process on one GPU, on the same seeded random weig
 
 1. copy bandwidth (device-to-device copy, bytes read + written), and from it the roofline: bandwidth
    over the bytes one decode step must read (every weight matrix and norm, one embedding row, the
-   KV cache at its mean length), for bf16 and for int8 weights;
+   whole static KV cache, since attention reads every slot), for bf16 and for int8 weights;
 2. each weight matrix of a decode step as a matrix-vector product: cuBLAS on bf16, kvlab's Triton
    kernel on bf16 and int8, dequantize-then-cuBLAS, and PyTorch's ``_weight_int8pack_mm`` where
    this build has it for CUDA (GB/s of weights read);

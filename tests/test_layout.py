@@ -61,10 +61,18 @@ def test_ruff_is_clean() -> None:
     assert run.returncode == 0, run.stdout[-4000:]
 
 
-def test_importing_kvlab_needs_no_notebook_stack_or_transformers() -> None:
-    """`import kvlab` and the memory tools load none of the extras (checked in a fresh interpreter)."""
-    extras = ("transformers", "papermill", "nbclient", "nbconvert", "ipykernel", "jupyter_client", "sphinx", "myst_nb")
-    code = ("import sys, kvlab, kvlab.memory, kvlab.loaders, kvlab.caches, kvlab.generate\n"
-            f"print(','.join(sorted(m for m in {extras!r} if m in sys.modules)))")
+NOTEBOOK_STACK = ("papermill", "nbclient", "nbconvert", "ipykernel", "jupyter_client", "sphinx", "myst_nb")
+
+
+@pytest.mark.parametrize(("modules", "absent"), [
+    # the core and the memory tools: what a user's project imports
+    ("kvlab, kvlab.memory, kvlab.loaders, kvlab.caches, kvlab.generate",
+     ("transformers", "ipywidgets", *NOTEBOOK_STACK)),
+    ("kvlab.diagnose", ("transformers",)),  # transformers only for --hf, imported when used
+    ("kvlab.study.explorer", ("ipywidgets",)),  # the widgets only when the explorer is built
+])
+def test_imports_load_no_optional_extra(modules: str, absent: tuple[str, ...]) -> None:
+    """Checked in a fresh interpreter, where nothing else has imported the extras first."""
+    code = f"import sys, {modules}; print(','.join(m for m in {absent!r} if sys.modules.get(m) is not None))"
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert run.stdout.strip() == "", f"importing kvlab loaded: {run.stdout.strip()}"
+    assert run.stdout.strip() == "", f"importing {modules} loaded: {run.stdout.strip()}"
