@@ -29,8 +29,6 @@ from kvlab.memory.units import MiB
 from kvlab.study.runs import measure
 from kvlab.synthetic import build_checkpoint
 
-LEAKING_LOADERS = TRAINABLE_LOADERS
-
 
 def run_demo(preset: str = "tiny", tokens: int = 256, loaders: Sequence[str] = LOADERS, cache: str = "concat",
              seed: int = 0, root: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
@@ -68,7 +66,7 @@ def expected_contrast(table: pd.DataFrame) -> bool:
     """Trainable-style loaders leak, the others do not, and every loader generated the same tokens
     except int8 (quantized weights may change the argmax)."""
     for row in table.itertuples(index=False):
-        should_leak = row.loader in LEAKING_LOADERS
+        should_leak = row.loader in TRAINABLE_LOADERS
         if (row.verdict == "LEAK") != should_leak:
             return False
     exact = table[table["loader"] != "int8"]["tokens"].tolist()

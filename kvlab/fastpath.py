@@ -134,9 +134,8 @@ class FastDecoder:
             self.step = torch.compile(greedy_step, fullgraph=True, backend=backend, options=self.options or None)
 
     def _mark_step(self) -> None:
-        mark = getattr(getattr(torch, "compiler", None), "cudagraph_mark_step_begin", None)
-        if self.compiled and mark is not None:
-            mark()
+        if self.compiled:
+            torch.compiler.cudagraph_mark_step_begin()
 
     @torch.no_grad()
     def generate(self, prompt: Tensor, new_tokens: int, warmup: int = 0) -> FastTiming:

@@ -28,10 +28,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.profiler import record_function
 
 from .kernels import fused_linear
-from .model import DecoderLayer, MistralForCausalLM, RMSNorm
+from .model import DecoderLayer, MistralForCausalLM, RMSNorm, region
 from .quant import Int8Linear
 
 
@@ -108,9 +107,9 @@ class FusedDecoderLayer(nn.Module):
         self.down = FusedLinear.from_linears([mlp.down_proj])
 
     def forward(self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor], cache) -> Tensor:
-        with record_function("attention"):
+        with region("attention"):
             x = self.o_proj(self.self_attn(self.qkv(x), positions, rope, cache), residual=x)
-        with record_function("mlp"):
+        with region("mlp"):
             return self.down(self.gate_up(x), residual=x)
 
 

@@ -90,7 +90,7 @@ def generate_ragged(model: nn.Module, prompts: list[list[int]], max_new_tokens: 
     grad mode is left alone unless ``inference_mode`` is set. Needs a cache with ``ragged = True``.
     """
     if not cache.ragged:
-        cache.for_sequence(0)  # raises the "not supported" error with the list of designs that are
+        cache.for_sequence(0)  # raises the "not supported" error, which says where the ragged designs are listed
     if len(prompts) != cache.batch_size:
         raise ValueError(f"{len(prompts)} prompts for a cache of batch size {cache.batch_size}")
     if any(len(p) == 0 for p in prompts):

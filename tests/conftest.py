@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -44,6 +45,14 @@ def copy_checkpoint() -> Callable[[Path, Path], Path]:
         return target
 
     return copy
+
+
+@pytest.fixture
+def transformers(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """transformers (the ``hf`` extra), offline; the test is skipped where it is not installed."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    return pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="session")

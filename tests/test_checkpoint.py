@@ -267,13 +267,6 @@ def test_build_checkpoint(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ transformers
-@pytest.fixture
-def transformers(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    return pytest.importorskip("transformers")
-
-
 @pytest.mark.parametrize("tied, max_shard_bytes", [(False, 1_500_000), (True, None)])
 def test_transformers_loads_kvlab_checkpoint(tmp_path, transformers, tied, max_shard_bytes):
     config = SMALL.replace(tie_word_embeddings=tied)

@@ -26,13 +26,6 @@ WINDOW = 4  # shorter than the 12-token inputs below
 IDS = torch.tensor([[5, 17, 3, 90, 42, 7, 7, 1, 0, 51, 33, 8], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]])
 
 
-@pytest.fixture
-def transformers(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    return pytest.importorskip("transformers")
-
-
 def saved_by_transformers(transformers, model_type: str, directory: Path, **config_json) -> Path:
     """A tiny random ``model_type`` model saved by transformers; ``config_json`` edits the written file
     (a value of ``...`` removes the key)."""

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from kvlab.caches import kv_bytes
 from kvlab.cli import main
 from kvlab.config import preset
 from kvlab.demo import expected_contrast, run_demo
 from kvlab.memory.units import MiB
-from kvlab.study.memmodel import kv_cache_bytes, leak_bytes
+from kvlab.study.memmodel import leak_bytes
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 TOKENS = 256  # the README's table: 256 tokens from a one-token prompt, kept after 128 and 256
@@ -30,8 +31,8 @@ def test_kept_bytes_are_the_cache_plus_the_analytic_leak(table) -> None:
     config = preset("tiny")
     for n in (TOKENS // 2, TOKENS):
         kept = table[f"retained MiB @{n}"] * MiB
-        assert table.loc["inference", "KV cache MiB"] * MiB == kv_cache_bytes(config, TOKENS)
-        assert 0 <= kept["inference"] - kv_cache_bytes(config, n) < 16 * 1024  # the last logits and token
+        assert table.loc["inference", "KV cache MiB"] * MiB == kv_bytes(config, 1, TOKENS)
+        assert 0 <= kept["inference"] - kv_bytes(config, 1, n) < 16 * 1024  # the last logits and token
         assert kept["trainable"] - leak_bytes(config, n) == kept["inference"]
     assert table.loc["trainable", "verdict"] == "LEAK" and table.loc["inference", "verdict"] == "ok"
     assert table.loc["trainable", "growth ratio"] > 3.5 and table.loc["inference", "growth ratio"] < 2.05

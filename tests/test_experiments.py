@@ -89,7 +89,8 @@ def test_a_capped_run_keeps_its_steps(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("argv", [["--suites", "nope"], ["--runs", "float32:trainable"], ["--loaders", "x"],
-                                  ["--summarize", "no-such-folder"], ["--tokens", "0"]])
+                                  ["--summarize", "no-such-folder"], ["--tokens", "0"],
+                                  ["--device", "bogus"]])
 def test_bad_options_are_one_line_exit_two(argv: list[str], tmp_path, capsys) -> None:
     assert main([*argv, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()

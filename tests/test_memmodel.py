@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kvlab import quant
-from kvlab.caches import ConcatCache
+from kvlab.caches import ConcatCache, kv_bytes
 from kvlab.config import preset
 from kvlab.generate import generate
 from kvlab.loaders import random_model
@@ -85,7 +85,7 @@ def test_kv_cache_prediction_is_exact(prompt_len: int, new: int, batch: int) -> 
     prompt = torch.arange(1, 1 + prompt_len * batch).view(batch, prompt_len)
     gen = generate(model, prompt, new, cache=ConcatCache(4))
     tokens = prompt_len + new - 1
-    assert memmodel.kv_cache_bytes(model.config, tokens, batch=batch) == gen.cache.nbytes
+    assert kv_bytes(model.config, batch, tokens) == gen.cache.nbytes
     layers, kv_heads, head_dim = 4, model.config.num_key_value_heads, model.config.head_dim
     assert gen.cache.nbytes == 2 * layers * kv_heads * head_dim * tokens * batch * 4  # the formula, by hand
 

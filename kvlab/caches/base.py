@@ -240,12 +240,6 @@ def write(buf: Tensor, how: str, where: Any, src: Tensor) -> None:
         buf[rows, :, slots] = src.transpose(1, 2)  # advanced indices first: target (B, T, Hkv, D)
 
 
-def compiling() -> bool:
-    """True while ``torch.compile`` traces the code (which must then do nothing host-side)."""
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(is_compiling and is_compiling())
-
-
 def mark_static_address(*tensors: Tensor) -> None:
     """Tell ``torch.compile`` these buffers keep their address, so CUDA graphs may use them in place."""
     mark = getattr(getattr(torch, "_dynamo", None), "mark_static_address", None)

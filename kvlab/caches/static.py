@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kvlab.caches.base import RowCache, compiling, mark_static_address, slot_bytes, write, write_plan
+from kvlab.caches.base import RowCache, mark_static_address, slot_bytes, write, write_plan
 from kvlab.config import MistralConfig
 from kvlab.errors import CacheOverflowError
 
@@ -80,7 +80,7 @@ class StaticCache(RowCache):
         self._reset_rows()
 
     def update(self, layer: int, k: Tensor, v: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        if self.uniform_positions and compiling():
+        if self.uniform_positions and torch.compiler.is_compiling():  # host-side work is not allowed here
             index = positions[0]  # (T,): every row at the same positions
             self.keys[layer].index_copy_(2, index, k)
             self.values[layer].index_copy_(2, index, v)

@@ -98,7 +98,10 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--suites: unknown suite(s) {unknown}; choose from {tuple(SUITES)}")
     if args.preset not in PRESETS:
         raise ValueError(f"--preset {args.preset!r}: choose from {sorted(PRESETS)}")
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {args.device!r}: {exc}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available")
     bad = [d for d in args.dtypes or [] if d not in DTYPES] or [x for x in args.loaders if x not in LOADERS] or [

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from kvlab.config import DTYPES
 
-from .runner import Context, RunSpec, isnan, run_kvlab
+from .runner import Context, RunSpec, in_units, run_kvlab
 
 __all__ = ["INCIDENT", "LOADERS", "CACHES", "parse_runs", "suite_leak", "suite_incident"]
 
@@ -83,4 +83,4 @@ def suite_incident(ctx: Context) -> None:
 
 
 def _gb(value: Any) -> float | None:
-    return None if value is None or isnan(value) else value / 1e9
+    return in_units(value, 1e9)

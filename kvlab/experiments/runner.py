@@ -32,7 +32,7 @@ from kvlab.study.records import Recorder
 from kvlab.study.runs import DecodeRun, measure
 from kvlab.synthetic import random_state_dict
 
-__all__ = ["STEP_COLUMNS", "RunSpec", "Context", "record_run", "run_kvlab", "isnan"]
+__all__ = ["STEP_COLUMNS", "RunSpec", "Context", "record_run", "run_kvlab", "isnan", "in_units"]
 
 #: steps.csv's leading columns (the ``live_<region>`` columns of traced runs follow).
 STEP_COLUMNS = ["run_id", "suite", "impl", "loader", "cache", "dtype", "traced", "step", "generated", "cache_len",
@@ -217,6 +217,11 @@ def _fit(rows: list[dict[str, Any]]) -> dict[str, float]:
 def isnan(value: Any) -> bool:
     """True for a float NaN (and a pandas NA), False for anything else."""
     return isinstance(value, float) and math.isnan(value) or value is pd.NA
+
+
+def in_units(value: Any, unit: float) -> float | None:
+    """``value / unit`` for the recorded tables; ``None`` where nothing was measured (missing, NaN or NA)."""
+    return None if value is None or isnan(value) else value / unit
 
 
 def _say(run: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ from kvlab.memory.units import GiB
 from kvlab.study import hf
 from kvlab.study.env import cleanup
 
-from .runner import Context, RunSpec, isnan, record_run
+from .runner import Context, RunSpec, in_units, record_run
 from .speed import hf_generate_speed, summarize_speed
 
 __all__ = ["logit_parity", "suite_parity", "suite_hf"]
@@ -90,13 +90,9 @@ def suite_hf(ctx: Context) -> None:
     for run_id in dict.fromkeys(r["run_id"] for r in ctx.rec.steps if r["suite"] == "hf-leak"):
         rows = {r["generated"]: r for r in ctx.rec.steps if r["run_id"] == run_id}
         loader = next(iter(rows.values()))["loader"]
-        leak[loader] = {str(n): _gib(rows[n].get("beyond_start_bytes")) if n in rows else None
+        leak[loader] = {str(n): in_units(rows[n].get("beyond_start_bytes"), GiB) if n in rows else None
                         for n in args.hf_leak_points}
     meta["hf_leak_GiB_beyond_start"] = leak
     del model
     cleanup(ctx.device)
     summarize_speed(ctx)
-
-
-def _gib(value: Any) -> float | None:
-    return None if value is None or isnan(value) else value / GiB

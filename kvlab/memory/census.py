@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["StorageSet", "live_objects", "expand_modules", "storage_of", "charge", "unseen_storages"]
+__all__ = ["StorageSet", "live_objects", "expand_modules", "storage_of", "keyed_storage", "charge", "unseen_storages"]
 
 _CUDA_BLOCK = 512  # the CUDA caching allocator rounds every block up to this many bytes
 
@@ -67,6 +67,13 @@ def storage_of(t: Any, device_type: str | None) -> tuple[Any, int] | None:
     except (RuntimeError, NotImplementedError, TypeError):
         return None
     return (st, ptr) if ptr else None
+
+
+def keyed_storage(t: Tensor) -> tuple[tuple[str, int], int] | None:
+    """``((device, address), bytes)`` of the storage behind ``t`` on any device: the one identity of a
+    storage (views of one buffer share it); ``None`` for tensors without memory of their own."""
+    found = storage_of(t, None)
+    return ((str(t.device), found[1]), found[0].nbytes()) if found is not None else None
 
 
 class StorageSet:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .census import storage_of
+from .census import keyed_storage
 
 __all__ = ["walk_graph", "collect_tensors", "GraphWalk", "SavedStorage", "kv_shaped"]
 
@@ -76,13 +76,6 @@ def collect_tensors(*objects: Any, max_depth: int = 5) -> list[Tensor]:
     return list(found.values())
 
 
-def _storage(t: Tensor) -> tuple[tuple[str, int], int] | None:
-    """(key, bytes) of the storage behind ``t`` -- views of one buffer count once; ``None`` for tensors
-    without memory of their own (meta, sparse)."""
-    found = storage_of(t, None)
-    return ((str(t.device), found[1]), found[0].nbytes()) if found is not None else None
-
-
 def _saved_attrs(cls: type, node: Any, cache: dict[type, tuple[str, ...]]) -> tuple[str, ...]:
     attrs = cache.get(cls)
     if attrs is None:
@@ -93,18 +86,23 @@ def _saved_attrs(cls: type, node: Any, cache: dict[type, tuple[str, ...]]) -> tu
     return attrs
 
 
+def _same_kind_inputs(node: Any) -> list[Any]:
+    """The nodes feeding ``node`` (its ``next_functions``) that are of its own kind."""
+    kind = type(node)
+    return [m for m, _ in node.next_functions if m is not None and type(m) is kind]
+
+
 def _run_length(node: Any, memo: dict[Any, int]) -> int:
     """Longest run of nodes of ``node``'s own kind linked back from it through ``next_functions``: for a
     cache updated by ``cat`` (or written in place), one link per update. Iterative, to survive
     thousands of steps without recursion limits."""
-    kind = type(node)
     todo = [node]
     while todo:
         n = todo[-1]
         if n in memo:
             todo.pop()
             continue
-        prev = [m for m, _ in n.next_functions if m is not None and type(m) is kind]
+        prev = _same_kind_inputs(n)
         missing = [m for m in prev if m not in memo]
         if missing:
             todo.extend(missing)
@@ -116,9 +114,8 @@ def _run_length(node: Any, memo: dict[Any, int]) -> int:
 
 def _bottom(node: Any) -> Any:
     """The deepest node of ``node``'s run of its own kind (see :func:`_run_length`)."""
-    kind = type(node)
     while True:
-        prev = [m for m, _ in node.next_functions if m is not None and type(m) is kind]
+        prev = _same_kind_inputs(node)
         if not prev:
             return node
         node = prev[0]
@@ -214,7 +211,7 @@ def walk_graph(*objects: Any, model: nn.Module | None = None, max_depth: int = 5
     if model is not None:
         for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
             names.setdefault(id(t), name)
-            info = _storage(t)
+            info = keyed_storage(t)
             if info:
                 weights.add(info[0])
         for name, p in model.named_parameters():
@@ -227,7 +224,7 @@ def walk_graph(*objects: Any, model: nn.Module | None = None, max_depth: int = 5
     def count(tensors: Iterable[Tensor]) -> int:
         total = 0
         for t in tensors:
-            info = _storage(t)
+            info = keyed_storage(t)
             if info and info[0] not in weights and info[0] not in counted:
                 counted.add(info[0])
                 total += info[1]
@@ -236,7 +233,7 @@ def walk_graph(*objects: Any, model: nn.Module | None = None, max_depth: int = 5
     cache = [t for t in reachable if kv_shaped(t)]
     other = [t for t in reachable if not kv_shaped(t)]
     cache_bytes, other_bytes = count(cache), count(other)
-    roots = {info[0] for t in reachable if (info := _storage(t))}
+    roots = {info[0] for t in reachable if (info := keyed_storage(t))}
 
     attr_cache: dict[type, tuple[str, ...]] = {}
     visited: set[Any] = set()
@@ -263,7 +260,7 @@ def walk_graph(*objects: Any, model: nn.Module | None = None, max_depth: int = 5
             for t in (value if isinstance(value, (tuple, list)) else (value,)):
                 if not isinstance(t, Tensor):
                     continue
-                info = _storage(t)
+                info = keyed_storage(t)
                 if info is None or info[0] in saved:
                     continue
                 saved[info[0]] = SavedStorage(info[0][1], info[1], op, attr.removeprefix("_saved_"),
@@ -277,7 +274,7 @@ def walk_graph(*objects: Any, model: nn.Module | None = None, max_depth: int = 5
                 stack.append(nxt)
 
     leaves = {node: node.variable for node in uses if isinstance(getattr(node, "variable", None), Tensor)}
-    leaf_storages = {info[0] for t in leaves.values() if (info := _storage(t))}
+    leaf_storages = {info[0] for t in leaves.values() if (info := keyed_storage(t))}
     # Parameters', buffers', leaves' and the roots' own storage are not "saved": weights exist anyway,
     # and the roots are counted above.
     kept = [s for key, s in saved.items() if key not in weights and key not in leaf_storages and key not in roots]

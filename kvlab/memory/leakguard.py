@@ -9,7 +9,10 @@ graph, attributed by heap tools to ``repeat_kv`` and ``cat``.
 :func:`check_decode_leak` runs a user's loop for N and 2N steps and measures, from the objects the
 loop returns, exactly what they keep (:func:`kvlab.memory.graph.walk_graph`): the state tensors, and
 every tensor the autograd graph behind them saved for backward, each storage once, weights excluded.
-What the cache is, is decided from the tensors, never from a class name. The loop leaks when
+What the cache is, is decided from the tensors, never from a class name. Only what the returned objects
+reach is seen (containers and attributes, five levels deep, never into a module): tensors kept elsewhere
+(a global list, a module attribute, a hook) and memory that is not a tensor storage (the graph's nodes
+themselves, Python objects) are not. The loop leaks when
 
 - anything is held by an autograd graph: a graph hanging off a decode loop's state is never needed,
   and whatever it holds is kept beyond the state, whether it grows linearly (a static cache written
@@ -38,8 +41,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .graph import walk_graph
-from .retention import advice, explain
+from .graph import GraphWalk, walk_graph
+from .retention import advice, explain_walk
 from .units import fmt_bytes
 
 __all__ = ["DecodeLeakError", "Retained", "LeakReport", "measure_retained", "compare_retained", "check_decode_leak",
@@ -96,7 +99,11 @@ def measure_retained(kept: object, model: nn.Module | None = None) -> Retained:
     each other and against the state tensors, and the storages of ``model``'s parameters and buffers and
     of any graph leaf are excluded -- weights exist whether or not a loop runs.
     """
-    walk = walk_graph(kept, model=model)
+    return _retained(walk_graph(kept, model=model))
+
+
+def _retained(walk: GraphWalk) -> Retained:
+    """:func:`measure_retained` from a walk already made (a leak check also explains the walk it measured)."""
     by_op: dict[str, int] = defaultdict(int)
     for saved in walk.saved:
         by_op[saved.op] += saved.nbytes
@@ -163,11 +170,8 @@ def kv_bytes_per_token(config: Any, element_size: int | None = None, batch: int 
 
 @contextlib.contextmanager
 def preserved_autograd_state() -> Iterator[None]:
-    """Restore grad mode on exit, whatever the code inside did or raised.
-
-    A loop under test may call ``torch.set_grad_enabled(False)`` and fail half way; the caller's mode
-    must not depend on that. (``inference_mode`` is only entered as a context, which restores itself.)
-    """
+    """Restore this thread's grad mode on exit, whatever the code inside did or raised (a loop under test
+    may call ``torch.set_grad_enabled(False)`` and fail half way; ``inference_mode`` restores itself)."""
     grad = torch.is_grad_enabled()
     try:
         yield
@@ -243,10 +247,7 @@ def _models_near(run: Callable[..., Any]) -> list[nn.Module]:
         found += [v for v in (*closure.nonlocals.values(), *closure.globals.values()) if isinstance(v, nn.Module)]
     except (TypeError, ValueError):  # builtins and callable objects have no closure to read
         pass
-    unique: dict[int, nn.Module] = {}
-    for m in found:
-        unique.setdefault(id(m), m)
-    return list(unique.values())
+    return list({id(m): m for m in found}.values())  # each module once, in the order first found
 
 
 def _explain(report: LeakReport) -> str:
@@ -334,12 +335,14 @@ def check_decode_leak(run: Callable[[int], object], steps: int = 16, *, model: n
         gc.collect()
         kept = run(2 * steps)
         try:
-            at_2n = measure_retained(kept, named)
+            walk = walk_graph(kept, model=named)
+            at_2n = _retained(walk)
             report = compare_retained(at_n, at_2n, steps, config=config, kv_per_token=kv_per_token)
             if report.leak and at_2n.has_graph:
-                report.explanation += "\n\nretention explainer:\n" + explain(kept, model=named).summary()
+                report.explanation += "\n\nretention explainer:\n" + explain_walk(walk).summary()
         finally:
             del kept
+            walk = None  # it holds the same tensors
             gc.collect()
     if report.leak and raise_on_leak:
         raise DecodeLeakError(report)

@@ -5,10 +5,11 @@ samples process RSS (and, on CUDA, the caching allocator's ``memory_allocated`` 
 every few milliseconds and warns when memory climbs past a threshold or grows faster than a rate would
 have flagged it on the first long generation.
 
-RSS is what the operating system charges, so it is what an alarm should watch; it also mixes in the
-allocator's behaviour (freed blocks that are not returned), so it says *that* memory grows, not *why*.
-When an exact :class:`~kvlab.memory.trace.MemoryTracer` is running, the alarm message adds its top
-sites; the monitor works without it.
+RSS is what the operating system charges, so it is what an alarm should watch: the whole process,
+every thread, tensors or not. It also mixes in the allocator's behaviour (freed blocks that are not
+returned), so it says *that* memory grows, not *why*. When an exact
+:class:`~kvlab.memory.trace.MemoryTracer` is running, the alarm message adds its top sites -- tensor
+storages only, from the threads that tracer sees; the monitor works without it.
 
 Usage::
 
@@ -27,9 +28,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pandas as pd
-import psutil
 import torch
 
+from .rss import rss_bytes
 from .trace import MemoryTracer
 from .units import fmt_bytes
 
@@ -114,7 +115,6 @@ class MemoryMonitor:
         self._rows: list[tuple[float, int, float, float, str | None]] = []
         self._label: str | None = None
         self._armed = {"threshold": True, "rate": True}
-        self._process = psutil.Process()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._t0 = 0.0
@@ -163,7 +163,7 @@ class MemoryMonitor:
 
     def _sample(self) -> None:
         t = time.perf_counter() - self._t0
-        rss = self._process.memory_info().rss
+        rss = rss_bytes()
         if self._cuda:
             allocated = float(torch.cuda.memory_allocated(self.device))
             reserved = float(torch.cuda.memory_reserved(self.device))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .census import storage_of
+from .census import keyed_storage
 
 __all__ = ["storage_key", "share_memory"]
 
@@ -21,8 +21,8 @@ _EXACT_LIMIT = 1 << 24  # joint byte range up to which two strided views are com
 def storage_key(t: Tensor) -> tuple[str, int] | None:
     """``(device, address)`` of the storage behind ``t``; ``None`` for tensors without memory of their
     own (meta, sparse, empty)."""
-    found = storage_of(t, None) if t.numel() else None
-    return (str(t.device), found[1]) if found is not None else None
+    found = keyed_storage(t) if t.numel() else None
+    return found[0] if found is not None else None
 
 
 def _byte_span(t: Tensor) -> tuple[int, int]:

@@ -5,8 +5,8 @@
     def test_my_server_loop_does_not_leak(leak_guard):
         leak_guard(lambda n: my_decode(model, prompt, n), steps=16)  # fails the test on a leak
 
-The check runs the loop for N and 2N steps and fails when it keeps anything beyond its own state (its
-cache, of any class or container, its tokens, its last logits), or when that state grows faster than
+The check runs the loop for N and 2N steps and fails when what it returns keeps anything beyond its own
+state (its cache, of any class or container, its tokens, its last logits), or when that state grows faster than
 linearly (see :func:`kvlab.memory.leakguard.check_decode_leak`); the failure message names what requires
 grad and how many steps the cache chains together. ``memory_monitor`` gives a started
 :class:`kvlab.memory.monitor.MemoryMonitor` that is stopped when the test ends, pass or fail.

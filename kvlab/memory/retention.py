@@ -20,7 +20,7 @@ import bisect
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pandas as pd
 import torch
@@ -29,13 +29,10 @@ from torch import Tensor, nn
 from .dispatch import DispatchHook
 from .graph import GraphWalk, walk_graph
 from .regions import Attribution, ModuleNames
-from .trace import TracerError
+from .trace import MemoryTracer, TracerError
 from .units import MiB, step_index
 
-if TYPE_CHECKING:
-    from .trace import MemoryTracer
-
-__all__ = ["explain", "RetentionReport", "SavedTensorTags", "tag_saved_tensors", "advice"]
+__all__ = ["explain", "explain_walk", "RetentionReport", "SavedTensorTags", "tag_saved_tensors", "advice"]
 
 try:  # the number the next autograd node will get; lets a node be matched to the region that created it
     _next_sequence_nr = torch._C._autograd._get_sequence_nr
@@ -58,7 +55,7 @@ class SavedTensorTags:
     itself: autograd saves an op's *output* without a strong reference to its own node, and returning
     the output would close a cycle (node -> saved output -> node) that the garbage collector cannot
     see, keeping the graph alive after the loop is gone. So memory behaves exactly as without tagging.
-    Only one may be active at a time.
+    Only one may be active at a time, and it tags only the thread that entered it (both hooks are per thread).
     """
 
     _active: SavedTensorTags | None = None
@@ -269,8 +266,7 @@ class RetentionReport:
             text += " Saved by: " + ", ".join(f"{r.op} {r.share:.0%}" for r in self.by_op().head(3).itertuples()) + "."
         return text + f" Fix: {self.fix}."
 
-    def __str__(self) -> str:
-        return self.summary()
+    __str__ = summary
 
 
 # Backward nodes of ops whose output shares its input's storage: a saved tensor's storage was made by
@@ -300,10 +296,7 @@ def _site_and_step(ptr: int, base: Tensor, tags: SavedTensorTags | None,
         return site_of[ptr]
     if tags is None:
         return None, None
-    site = step = None
-    producer = _producer(base.grad_fn)
-    if producer is not None:
-        site, step = tags.node_origin(producer)
+    site, step = tags.node_origin(_producer(base.grad_fn))  # (None, None) for a node-less tensor
     if ptr in tags.saved:
         saved_site, saved_step = tags.saved[ptr]
         site = site if site is not None else saved_site
@@ -321,9 +314,15 @@ def explain(*roots: Any, model: nn.Module | None = None, tags: SavedTensorTags |
     :class:`SavedTensorTags` that ran during generation; ``tracer``: a stopped
     :class:`~kvlab.memory.trace.MemoryTracer` that ran during generation. Either gives each saved storage
     a site (the tracer: where it was allocated); without them sites are ``None`` and the walk still
-    counts nodes, steps and bytes by op.
+    counts nodes, steps and bytes by op. Bytes are tensor storages reachable from ``roots``; the graph
+    nodes' own memory and tensors held elsewhere (not reachable from ``roots``) are not counted.
     """
-    walk = walk_graph(*roots, model=model)
+    return explain_walk(walk_graph(*roots, model=model), tags=tags, tracer=tracer)
+
+
+def explain_walk(walk: GraphWalk, *, tags: SavedTensorTags | None = None,
+                 tracer: MemoryTracer | None = None) -> RetentionReport:
+    """:func:`explain` for a graph already walked: a leak check explains the walk it measured."""
     site_of = tracer.site_of() if tracer is not None else {}
     site_source = "tracer" if tracer is not None else ("tags" if tags is not None else "none")
     rows = []

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from .overlap import share_memory, storage_key
+from .units import fmt_bytes
 
 __all__ = ["ModelValidationError", "ValidationReport", "validate_model", "as_dtype", "SEVERITIES"]
 
@@ -133,10 +134,6 @@ def _entries(model: nn.Module) -> list[_Entry]:
     return list(by_id.values())
 
 
-def _mib(nbytes: int) -> str:
-    return f"{nbytes / 2**20:.2f} MiB"
-
-
 def _config_of(model: nn.Module) -> Any:
     return getattr(model, "config", None)
 
@@ -200,6 +197,7 @@ def validate_model(model: nn.Module, expected_dtype: torch.dtype | str | None = 
                    expected_device: torch.device | str | None = None, strict: bool = False, *,
                    ties: Iterable[tuple[str, str]] = ()) -> ValidationReport:
     """Inspect every parameter and buffer of ``model``; one finding per problem (see the module doc).
+    Tensors kept as plain attributes (registered as neither) are not seen.
 
     ``ties`` declares extra pairs of names that are meant to share storage; tied embeddings are taken
     from ``model.config.tie_word_embeddings`` when the model has a config. ``strict=True`` raises
@@ -246,7 +244,7 @@ def validate_model(model: nn.Module, expected_dtype: torch.dtype | str | None = 
         for e in params:
             if e.tensor.dtype != expected_dtype:
                 add(e, "dtype", "error", f"parameter is {e.tensor.dtype}, expected {expected_dtype} "
-                    f"({_mib(e.tensor.nbytes)} as stored)")
+                    f"({fmt_bytes(e.tensor.nbytes)} as stored)")
     else:
         by_dtype: dict[torch.dtype, int] = defaultdict(int)
         for e in params:
@@ -264,7 +262,8 @@ def validate_model(model: nn.Module, expected_dtype: torch.dtype | str | None = 
         t = e.tensor
         if t.numel() > 1 and not t.is_contiguous():
             storage = t.untyped_storage().nbytes()
-            pinned = f"; it pins a {_mib(storage)} storage for {_mib(t.nbytes)} of data" if storage > t.nbytes else ""
+            pinned = (f"; it pins a {fmt_bytes(storage)} storage for {fmt_bytes(t.nbytes)} of data"
+                      if storage > t.nbytes else "")
             add(e, "non_contiguous", "warning", f"{e.kind} of shape {tuple(t.shape)} with strides {t.stride()} "
                 f"is a strided view: kernels may copy it on every call{pinned}")
 
@@ -276,7 +275,7 @@ def validate_model(model: nn.Module, expected_dtype: torch.dtype | str | None = 
         if a is not None and b is not None and a is not b:
             if not share_memory(a.tensor, b.tensor):
                 add(b, "tie_broken", "error", f"config declares tie_word_embeddings but {b.name} is a separate "
-                    f"copy of {a.name}: {_mib(b.tensor.nbytes)} duplicated, and the two can drift apart")
+                    f"copy of {a.name}: {fmt_bytes(b.tensor.nbytes)} duplicated, and the two can drift apart")
     if pair is not None and says_tied is False:
         e = by_name.get(pair[0])
         if e is not None and pair[1] in e.names:
@@ -323,7 +322,7 @@ def validate_model(model: nn.Module, expected_dtype: torch.dtype | str | None = 
                 what = ("the input and output embeddings hold" if is_embedding_pair
                         else f"{y.name} equals {x.name} and holds")
                 add(y, "copied_tie", "warning", f"{what} the same values in two storages: a tie silently turned "
-                    f"into a copy ({_mib(ty.nbytes)} duplicated); tie them or confirm they are meant to differ")
+                    f"into a copy ({fmt_bytes(ty.nbytes)} duplicated); tie them or confirm they are meant to differ")
 
     report = ValidationReport(type(model).__name__, pd.DataFrame(rows, columns=COLUMNS), len(entries),
                               {"parameters": sum(e.kind == "parameter" for e in entries),

@@ -40,6 +40,7 @@ from kvlab.generate import generate
 from kvlab.loaders import load_model
 from kvlab.memory.rss import rss_bytes
 from kvlab.memory.trace import MemoryTracer
+from kvlab.memory.units import MiB
 
 from .isolated import run_isolated
 from .probes import prompt_ids
@@ -166,8 +167,8 @@ def loading_rss(directory: str | Path, loaders: tuple[str, ...] = ("trainable", 
         for _ in range(repeats):
             rows += list(pool.map(child, loaders))
     table = pd.DataFrame(rows)
-    table["loaded MiB"] = (table["rss_loaded"] - table["rss_before"]) / 2**20
-    table["decode MiB"] = (table["rss_decoded"] - table["rss_loaded"]) / 2**20
+    table["loaded MiB"] = (table["rss_loaded"] - table["rss_before"]) / MiB
+    table["decode MiB"] = (table["rss_decoded"] - table["rss_loaded"]) / MiB
     return table[["loader", "arenas", "loaded MiB", "decode MiB"]]
 
 

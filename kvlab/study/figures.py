@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch
 
 from kvlab.memory.retention import RetentionReport
-from kvlab.memory.units import MiB
+from kvlab.memory.units import GiB, MiB
 
 from .palette import DTYPE_STYLE, LOADER_COLORS, REFERENCE, cache_color, color_of, loader_color, site_color, site_label
 from .results import FAST_LABELS
@@ -173,13 +173,13 @@ def plot_real_scale(results: Any, groups: Mapping[str, Mapping[str, str]], *, ca
             steps = results.run_steps(run_id)
             color = _run_color(row, label, by_cache)
             ls = DTYPE_STYLE.get(str(row.get("dtype", "bfloat16")), "-")
-            ax.plot(steps["generated"], steps["beyond_start_bytes"] / 2**30, color=color, ls=ls, lw=1.8, label=label)
+            ax.plot(steps["generated"], steps["beyond_start_bytes"] / GiB, color=color, ls=ls, lw=1.8, label=label)
             if row["status"] == "oom":
-                ax.plot(steps["generated"].iloc[-1], steps["beyond_start_bytes"].iloc[-1] / 2**30, "x", color=color,
+                ax.plot(steps["generated"].iloc[-1], steps["beyond_start_bytes"].iloc[-1] / GiB, "x", color=color,
                         ms=11, mew=2.5)
             if run_id in models:
                 m = models[run_id]
-                ax.plot(m["generated"], m["predicted_bytes"] / 2**30, "o", color="black", ms=5, mfc="none")
+                ax.plot(m["generated"], m["predicted_bytes"] / GiB, "o", color="black", ms=5, mfc="none")
         ax.plot([], [], "o", color="black", ms=5, mfc="none", label="analytic model (kvlab.study.memmodel)")
         ax.plot([], [], "x", color="black", ms=9, mew=2, label="out of memory: the next step's allocation failed")
         dtypes = {str(results.run(r).get("dtype", "bfloat16")) for r in runs}

@@ -41,10 +41,10 @@ import pandas as pd
 import torch
 
 from kvlab.caches import kv_bytes
-from kvlab.config import MistralConfig
+from kvlab.config import MistralConfig, dtype_named
 
 __all__ = [
-    "dtype_bytes", "weight_bytes", "weight_breakdown", "kv_cache_bytes", "repeated_kv", "saved_tensors", "leak_bytes",
+    "dtype_bytes", "weight_bytes", "weight_breakdown", "repeated_kv", "saved_tensors", "leak_bytes",
     "leak_by_site", "leak_curve", "step_transient_bytes", "GrowthFit", "fit_growth",
 ]
 
@@ -90,17 +90,6 @@ def weight_breakdown(config: MistralConfig, dtype: torch.dtype | str | None = No
 def weight_bytes(config: MistralConfig, dtype: torch.dtype | str | None = None, quant: str | None = None) -> int:
     """Total bytes of a model's parameters and buffers (see :func:`weight_breakdown`)."""
     return sum(weight_breakdown(config, dtype, quant).values())
-
-
-# --------------------------------------------------------------------------------------------- KV cache
-def kv_cache_bytes(config: MistralConfig, tokens: int, batch: int = 1, dtype: torch.dtype | str | None = None,
-                   kind: str = "concat", **options: object) -> int:
-    """K and V for every layer: ``2 * layers * kv_heads * head_dim * tokens * batch * bytes`` for the
-    concat cache; other cache designs (``kind``: static, sliding, int8, paged ...) as sized by
-    :func:`kvlab.caches.kv_bytes`, which this calls (``dtype`` may also be a name, e.g. ``"bfloat16"``)."""
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    return int(kv_bytes(config, batch, tokens, dtype, kind, **options))
 
 
 # --------------------------------------------------------------------------------------------- leak
@@ -235,11 +224,13 @@ def leak_bytes(config: MistralConfig, new_tokens: int, prompt_len: int = 1, batc
 
 def leak_curve(config: MistralConfig, tokens: Iterable[int], prompt_len: int = 1, batch: int = 1,
                dtype: torch.dtype | str | None = None) -> pd.DataFrame:
-    """Predicted leak and KV cache for several lengths: ``tokens, leak_bytes, kv_cache_bytes``."""
+    """Predicted leak and KV cache for several lengths: ``tokens, leak_bytes, kv_cache_bytes`` (the
+    concat cache's bytes, :func:`kvlab.caches.kv_bytes`)."""
     tokens = list(tokens)
     by_site = _leak_by_site_for(config, tokens, prompt_len, batch, dtype) if tokens else {}
+    kv_dtype = dtype_named(dtype) if isinstance(dtype, str) else dtype
     rows = [dict(tokens=n, leak_bytes=sum(by_site[n].values()),
-                 kv_cache_bytes=kv_cache_bytes(config, prompt_len + n - 1, batch, dtype)) for n in tokens]
+                 kv_cache_bytes=kv_bytes(config, batch, prompt_len + n - 1, kv_dtype)) for n in tokens]
     return pd.DataFrame(rows, columns=["tokens", "leak_bytes", "kv_cache_bytes"])
 
 

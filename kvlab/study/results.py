@@ -141,7 +141,7 @@ def leak_vs_model(results: RecordedResults, run_id: str, tokens: Sequence[int] |
     """A recorded run's memory beyond its start next to :mod:`kvlab.study.memmodel`'s prediction.
 
     Predicted = :func:`~kvlab.study.memmodel.leak_bytes` (what autograd keeps alive; 0 unless the run's loader
-    is trainable) + :func:`~kvlab.study.memmodel.kv_cache_bytes` of the concat cache, both from
+    is trainable) + :func:`~kvlab.caches.kv_bytes` of the concat cache, both from
     :func:`~kvlab.study.memmodel.leak_curve`. ``tokens``: the generated counts to compare (default: ``points``
     recorded counts spaced evenly on a log scale). Columns ``generated, measured_bytes,
     predicted_leak_bytes, predicted_kv_bytes, predicted_bytes`` (their sum) and ``ratio`` (measured /
