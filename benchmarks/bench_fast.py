@@ -9,7 +9,8 @@ Everything is measured in one process on one GPU, on the same seeded random weig
    kernel on bf16 and int8, dequantize-then-cuBLAS, and PyTorch's ``_weight_int8pack_mm`` where
    this build has it for CUDA (GB/s of weights read);
 3. kvlab's fast path (:class:`kvlab.fastpath.FastDecoder` defaults) on bf16 and ``int8`` weights, and
-   ablations: without fused projections, without the inductor tuning;
+   ablations: without fused projections, without the inductor tuning, with the model's own attention
+   instead of the fused decode-attention kernel;
 4. transformers' fastest path, ``generate`` with its static cache (which transformers compiles),
    with default inductor settings and with kvlab's tuning;
 5. whether each kvlab path's tokens are the eager model's (same loader, unfused, uncompiled), teacher-
@@ -50,12 +51,13 @@ from kvlab.study.probes import prompt_ids
 from kvlab.study.records import save_results
 from kvlab.synthetic import random_state_dict
 
-PATHS = ("bf16", "int8", "hf", "hf-tuned", "bf16-unfused", "bf16-untuned")
+PATHS = ("bf16", "int8", "hf", "hf-tuned", "bf16-unfused", "bf16-untuned", "bf16-model-attention")
 KVLAB_PATHS = {  # name: (loader, FastDecoder options)
     "bf16": ("inference", {}),
     "int8": ("int8", {}),
     "bf16-unfused": ("inference", {"fuse": False}),
     "bf16-untuned": ("inference", {"tuning": {}}),
+    "bf16-model-attention": ("inference", {"attention_kernel": False}),
 }
 
 

@@ -12,8 +12,9 @@ change to :mod:`kvlab.model`:
   mask hide the unwritten part.
 - Positions are a device tensor, so nothing in the step depends on a Python integer that changes.
 - The model is rewritten in place by :func:`kvlab.fused.fuse_model` (``fuse=True``, the default): four
-  weight reads per layer instead of seven, RMSNorm, SwiGLU and residual adds inside those reads, and
-  int8 matrices read as int8 by :mod:`kvlab.kernels`' Triton kernel.
+  weight reads per layer instead of seven, RMSNorm, SwiGLU and residual adds inside those reads,
+  int8 matrices read as int8 by :mod:`kvlab.kernels`' Triton kernel, and (``attention_kernel=True``,
+  the default) each layer's rotary, cache write and attention in one :mod:`kvlab.decode_attention` launch.
 - :func:`greedy_step` (one token in, the greedy next token out) is compiled with ``fullgraph=True`` and
   ``mode="reduce-overhead"`` (one graph, replayed as a CUDA graph) plus the inductor settings in
   :data:`TUNING`. ``benchmarks/bench_fast.py`` measures the result against the roofline and
@@ -112,14 +113,16 @@ class FastDecoder:
     ``compile=None`` compiles on CUDA only. ``backend`` goes to :func:`torch.compile`
     (``backend="eager"`` checks that the step traces as one graph without generating code); with
     inductor, :func:`compile_options` of ``mode`` and ``tuning``. ``fuse=True`` rewrites ``model`` in
-    place with :func:`kvlab.fused.fuse_model` (same function, fused weights; see there).
+    place with :func:`kvlab.fused.fuse_model` (same function, fused weights; see there), with its
+    ``attention_kernel``.
     """
 
     def __init__(self, model: nn.Module, max_tokens: int, batch_size: int = 1, grouped: bool = True,
                  compile: bool | None = None, mode: str | None = "reduce-overhead",
-                 backend: str = "inductor", fuse: bool = True, tuning: dict[str, bool] | None = None) -> None:
+                 backend: str = "inductor", fuse: bool = True, tuning: dict[str, bool] | None = None,
+                 attention_kernel: bool = True) -> None:
         if fuse:
-            fuse_model(model)
+            fuse_model(model, attention_kernel)
         weight = model.lm_head.weight
         self.model = model
         self.device = weight.device

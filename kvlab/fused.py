@@ -10,10 +10,12 @@ each decoder layer makes four weight reads instead of seven, and nothing between
 - ``down``: the down projection with the residual add;
 - and ``lm_head`` with the final norm in front.
 
-Each product runs :func:`kvlab.kernels.fused_linear`. Attention itself is the model's own
+Each product runs :func:`kvlab.kernels.fused_linear`. Attention is the model's own
 ``Attention.forward``: its ``q_proj``/``k_proj``/``v_proj`` become column slices of the fused output
 and its ``o_proj`` an identity, so whatever the model's attention does (grouped or ``repeat_kv``,
-masks, the cache protocol) stays the model's. int8 matrices are concatenated as int8 with their
+masks, the cache protocol) stays the model's -- except in the compiled one-token step of the fast path,
+where :mod:`kvlab.decode_attention`'s kernel does rotary, the cache write and attention in one launch
+(``attention_kernel=False`` keeps the model's attention there too). int8 matrices are concatenated as int8 with their
 per-row scales, which is exactly the quantization of the concatenated float matrix.
 
 Memory: fusion concatenates one layer at a time and drops that layer's separate matrices before the
@@ -29,6 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .decode_attention import kernel_applies
 from .kernels import fused_linear
 from .model import DecoderLayer, MistralForCausalLM, RMSNorm, region
 from .quant import Int8Linear
@@ -93,8 +96,9 @@ class Columns(nn.Module):
 class FusedDecoderLayer(nn.Module):
     """A :class:`kvlab.model.DecoderLayer` over fused projections; same call signature, same function."""
 
-    def __init__(self, layer: DecoderLayer) -> None:
+    def __init__(self, layer: DecoderLayer, attention_kernel: bool = True) -> None:
         super().__init__()
+        self.attention_kernel = attention_kernel
         attn, mlp = layer.self_attn, layer.mlp
         self.qkv = FusedLinear.from_linears([attn.q_proj, attn.k_proj, attn.v_proj], norm=layer.input_layernorm)
         q, kv = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
@@ -108,7 +112,13 @@ class FusedDecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor], cache) -> Tensor:
         with region("attention"):
-            x = self.o_proj(self.self_attn(self.qkv(x), positions, rope, cache), residual=x)
+            qkv, attn = self.qkv(x), self.self_attn
+            if self.attention_kernel and kernel_applies(qkv, cache):
+                out = cache.attend(attn.layer_idx, qkv, positions, rope, attn.num_heads, attn.sliding_window,
+                                   attn.scale)
+            else:
+                out = attn(qkv, positions, rope, cache)
+            x = self.o_proj(out, residual=x)
         with region("mlp"):
             return self.down(self.gate_up(x), residual=x)
 
@@ -118,13 +128,16 @@ def is_fused(model: MistralForCausalLM) -> bool:
 
 
 @torch.no_grad()
-def fuse_model(model: MistralForCausalLM) -> MistralForCausalLM:
-    """Rewrite ``model`` in place as described in the module docstring; a fused model is returned as is."""
+def fuse_model(model: MistralForCausalLM, attention_kernel: bool = True) -> MistralForCausalLM:
+    """Rewrite ``model`` in place as described in the module docstring; a fused model is returned as is
+    (with ``attention_kernel`` set on its layers)."""
     if is_fused(model):
+        for layer in model.model.layers:
+            layer.attention_kernel = attention_kernel
         return model
     layers = model.model.layers
     for i in range(len(layers)):
-        layers[i] = FusedDecoderLayer(layers[i])  # the old layer, and its separate matrices, go here
+        layers[i] = FusedDecoderLayer(layers[i], attention_kernel)  # the old layer, and its separate matrices, go here
     model.lm_head = FusedLinear.from_linears([model.lm_head], norm=model.model.norm)
     model.model.norm = nn.Identity()
     return model

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +14,13 @@ import pytest
 import torch
 
 pytest_plugins = ["kvlab.memory.pytest_plugin"]
+SITE_FIXTURE = "rendered_site"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests of the rendered site run last, so that the render started with the session
+    (``_background_render``) has the whole rest of the suite's time to finish."""
+    items.sort(key=lambda item: SITE_FIXTURE in getattr(item, "fixturenames", ()))  # stable: order kept otherwise
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -70,14 +80,59 @@ def hf_mistral() -> Callable[..., torch.nn.Module]:
     return make
 
 
+class BackgroundRender:
+    """``python -m kvlab.report -o OUT`` -- what ``make report`` runs, on every notebook -- in a child process.
+
+    Started with the session, it runs while the other tests do: the notebooks' kernels (one thread each)
+    take one core, the rest of the suite the other, instead of the suite waiting for the notebooks.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.log = out, out.with_suffix(".log")
+        with self.log.open("w") as log:  # the per-notebook times and verdicts, for a failing session
+            # its own process group, so that stopping it also stops the notebook kernels it started
+            self.process = subprocess.Popen([sys.executable, "-m", "kvlab.report", "-o", str(out)], stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def site(self, notebooks: list[Path]) -> Any:
+        """The rendered site, once the child is done: its executed notebooks rendered again here, as with
+        ``KVLAB_REPORTS``, for the :class:`~kvlab.report.build.Site` the tests read."""
+        from kvlab.report.cli import render
+
+        self.process.wait()  # exit 1 is a failed notebook or site check: the tests say which
+        missing = [p.name for p in notebooks if not (self.out / "executed" / p.name).is_file()]
+        if missing:
+            pytest.fail(f"kvlab report did not execute {missing}:\n{self.log.read_text()[-4000:]}")
+        return render([], self.out, {}, echo=lambda *args, **kwargs: None)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _background_render(request: pytest.FixtureRequest,
+                       tmp_path_factory: pytest.TempPathFactory) -> Iterator[BackgroundRender | None]:
+    """Starts the notebooks' render at the session's first test when a selected test needs the site,
+    and stops it at the end (an interrupted or ``-x`` session does not leave kernels running)."""
+    wanted = any(SITE_FIXTURE in getattr(item, "fixturenames", ()) for item in request.session.items)
+    if not wanted or os.environ.get("KVLAB_REPORTS"):
+        yield None
+        return
+    render = BackgroundRender(tmp_path_factory.mktemp("reports"))
+    yield render
+    render.stop()
+
+
 @pytest.fixture(scope="session")
-def rendered_site(tmp_path_factory: pytest.TempPathFactory):
+def rendered_site(_background_render: BackgroundRender | None):
     """The whole suite executed and rendered once per session (``kvlab.report``), for the notebook and
     site tests alike. ``KVLAB_REPORTS=reports`` reuses the notebooks ``make report`` executed there and
     only rebuilds the site from them."""
     from kvlab.report.cli import NOTEBOOKS, render
 
-    quiet = lambda *args, **kwargs: None  # noqa: E731
     if os.environ.get("KVLAB_REPORTS"):
-        return render([], Path(os.environ["KVLAB_REPORTS"]), {}, echo=quiet)
-    return render(sorted(NOTEBOOKS.glob("[0-9]*.ipynb")), tmp_path_factory.mktemp("reports"), {}, echo=quiet)
+        return render([], Path(os.environ["KVLAB_REPORTS"]), {}, echo=lambda *args, **kwargs: None)
+    assert _background_render is not None  # started for every session that selects a site test
+    return _background_render.site(sorted(NOTEBOOKS.glob("[0-9]*.ipynb")))

@@ -151,7 +151,7 @@ def test_triton_kernel_matches_the_reference(int8: bool, flags: str) -> None:
     x = torch.randn(1, 1, k, device="cuda").to(torch.bfloat16)
     norm_weight = (1 + 0.1 * torch.randn(k, device="cuda")).to(torch.bfloat16) if norm else None
     res = torch.randn(1, 1, n, device="cuda").to(torch.bfloat16) if residual else None
-    assert uses_kernel(x, weight)
+    assert uses_kernel(x, weight, scale)
     with torch.no_grad():
         out = fused_linear(x, weight, scale, norm_weight, 1e-5, res, glu)
         exact = fused_linear_reference(x.double(), weight.double(), None if scale is None else scale.double(),
@@ -176,3 +176,54 @@ def test_compiled_fused_path_matches_eager_on_gpu(loader: str) -> None:
     check = teacher_forced_agreement(reference, timing.tokens, 5)
     assert check["argmax_equal"] >= 0.9 * check["positions"] and check["max_gap_bf16_spacings"] <= 16
     assert torch.equal(timing.tokens, fast.generate(prompt, 48).tokens)  # replays are deterministic
+
+
+@gpu
+@needs_cuda
+def test_int8_kernel_reads_every_byte_value_exactly() -> None:
+    """Every int8 value in every byte lane of a 4-byte word: one-hot inputs read single weights back,
+    and the bit-pattern conversion must give each exactly (float32 activations, unit scales)."""
+    values = torch.arange(-128, 128, dtype=torch.int8).repeat(4)  # value v sits in lane (v + 128) % 4
+    weight = torch.stack([values.roll(3 * i) for i in range(8)]).cuda()  # rolls by 3 move v through all lanes
+    scale = torch.ones(8, device="cuda")
+    x = torch.zeros(1, 1, weight.shape[1], device="cuda")
+    seen = torch.empty(weight.shape, device="cuda")
+    with torch.no_grad():
+        for j in range(weight.shape[1]):
+            x.zero_()
+            x[..., j] = 1.0
+            seen[:, j] = fused_linear(x, weight, scale)[0, 0]
+    assert torch.equal(seen, weight.float())
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_attention_kernel_matches_the_model(window: int | None) -> None:
+    """One kernel (rotary, cache write, grouped attention) against the model's own path, two rows, bf16:
+    the cache gets the same bytes and the output agrees to bf16 rounding; with a window, old slots drop out."""
+    from kvlab.decode_attention import decode_attention
+    from kvlab.fastpath import fast_cache
+    from kvlab.model import MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = preset("tiny").replace(sliding_window=window, torch_dtype="bfloat16")
+    model = MistralForCausalLM(config).to(device="cuda", dtype=torch.bfloat16)
+    attn, rotary = model.model.layers[0].self_attn, model.model.rotary_emb
+    b, t, slots = 2, 9, 16
+    ours = fast_cache(config, b, slots, "cuda", torch.bfloat16, grouped=True)
+    theirs = fast_cache(config, b, slots, "cuda", torch.bfloat16, grouped=True)
+    x = torch.randn(b, t, config.hidden_size, device="cuda").to(torch.bfloat16)
+    positions = torch.arange(t, device="cuda").expand(b, t)
+    new = torch.randn(b, 1, config.hidden_size, device="cuda").to(torch.bfloat16)
+    at = torch.full((b, 1), t, device="cuda")
+    with torch.no_grad():
+        for cache in (ours, theirs):
+            attn(x, positions, rotary(positions, torch.bfloat16), cache)
+        expected = attn(new, at, rotary(at, torch.bfloat16), theirs)
+        qkv = torch.cat([attn.q_proj(new), attn.k_proj(new), attn.v_proj(new)], dim=-1)
+        out = decode_attention(qkv, *rotary(at, torch.bfloat16), ours.keys[0], ours.values[0], at,
+                               attn.num_heads, window or 0, attn.scale)
+        got = attn.o_proj(out)
+    assert torch.equal(ours.keys[0], theirs.keys[0]) and torch.equal(ours.values[0], theirs.values[0])
+    assert ((got.float() - expected.float()).norm() / expected.float().norm()).item() < 1e-2

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from kvlab.caches.base import RowCache, mark_static_address, slot_bytes, write, write_plan
 from kvlab.config import MistralConfig
+from kvlab.decode_attention import decode_attention
 from kvlab.errors import CacheOverflowError
 
 
@@ -88,6 +89,18 @@ class StaticCache(RowCache):
                 self.key_positions.index_copy_(1, index, positions)
             return self.keys[layer], self.values[layer], self.key_positions
         return self._update(layer, k, v, positions, None)
+
+    def attend(self, layer: int, qkv: Tensor, positions: Tensor, rope: tuple[Tensor, Tensor], num_heads: int,
+               window: int | None, scale: float) -> Tensor:
+        """One compiled decode step's attention for ``layer`` in one kernel (:mod:`kvlab.decode_attention`):
+        rotary, the K/V write at ``positions`` (B, 1) and grouped attention, from the fused projection's
+        output ``qkv`` (B, 1, (H + 2 Hkv) D). Only for ``uniform_positions`` caches under ``torch.compile``,
+        where :meth:`update` would write the same slots."""
+        if layer == 0:
+            self.key_positions.index_copy_(1, positions[0], positions)
+        cos, sin = rope
+        return decode_attention(qkv, cos, sin, self.keys[layer], self.values[layer], positions, num_heads,
+                                window or 0, scale)
 
     def _prepare(self, positions: Tensor, row: int | None) -> Any:
         rows, pos = self._row_positions(positions, row)

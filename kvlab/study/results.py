@@ -34,6 +34,7 @@ FAST_FILES = ("fast.json", "fast.csv")
 #: Readable names of ``bench_fast.py``'s paths; transformers' two settings are one path, timed two ways.
 FAST_LABELS = {"bf16": "kvlab fast, bf16", "bf16-unfused": "kvlab fast, bf16, projections not fused",
                "bf16-untuned": "kvlab fast, bf16, default inductor settings", "int8": "kvlab fast, int8",
+               "bf16-model-attention": "kvlab fast, bf16, the model's attention (no decode kernel)",
                "hf": "transformers generate, static cache, compiled",
                "hf-tuned": "transformers generate, static cache, compiled"}
 
