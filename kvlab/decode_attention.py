@@ -36,8 +36,6 @@ except ImportError:  # CPU-only installs never call the kernel
     triton = None
 
 
-LAUNCH = {"BLOCK_S": 64, "num_warps": 4}
-
 if triton is not None:
     @triton.jit
     def _rotary(x, x_partner, cos, sin, sign):
@@ -105,8 +103,16 @@ def decode_attention(qkv: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values
     out = qkv.new_empty((b, 1, num_heads * d))
     _decode_attention_kernel[(b * num_heads,)](
         qkv, cos.contiguous(), sin.contiguous(), keys, values, positions, out, s, max(window, 1), scale,
-        H=num_heads, HKV=hkv, D=d, WINDOW=window > 0, **LAUNCH)
+        H=num_heads, HKV=hkv, D=d, WINDOW=window > 0, **launch(s))
     return out
+
+
+def launch(slots: int) -> dict[str, int]:
+    """Slots per step and warps: up to 256 slots in one step, so a short cache is read in one round of
+    loads. On an H200 at the Mistral-7B shape (208 slots, 200 filled) one call took 7.0 us with 256
+    slots and 8 warps, 7.8 with 128 and 8, 9.1 with 128 and 4, 12.5 with 64 and 4 (CUDA graph replay)."""
+    block = min(256, max(16, triton.next_power_of_2(slots)))
+    return {"BLOCK_S": block, "num_warps": 8 if block >= 128 else 4}
 
 
 @decode_attention.register_fake
