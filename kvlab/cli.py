@@ -37,22 +37,12 @@ def _at_least(option: str, value: int | None, minimum: int) -> None:
 
 def _device(name: str) -> Any:
     """The torch device ``--device`` names, refused unless this machine has it."""
-    import torch
+    from .study.env import parse_device
 
     try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise UsageError(f"--device {name!r}: {exc}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: CUDA is not available in this build of PyTorch / on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {name}: MPS is not available on this machine")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"--device {name}: kvlab runs on cpu, cuda or mps")
-    return device
+        return parse_device(name)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _preset(name: str) -> None:

@@ -15,6 +15,9 @@ shape. Here it is one launch, one program per query head:
   write. ``lo`` is the sliding window's first visible position (0 without a window); slots beyond
   ``pos`` are never read, where the eager path reads every slot and masks the empty ones.
 
+On an H200 at the Mistral-7B shape it took the bf16 fast path from 219.5 to 229.5 tok/s reading 64
+slots per step, and to 237 with up to 256 (:func:`launch`; ``data/gpu/h200-fast``).
+
 It serves the compiled fast path (:class:`kvlab.fused.FusedDecoderLayer` under ``torch.compile``) for
 one new token per row, with every row at the same position (the ``uniform_positions`` static cache):
 then slot ``j`` holds position ``j``. Everything else -- prompts, the CPU, eager code, ragged rows --

@@ -136,6 +136,19 @@ def test_kernel_is_only_chosen_where_it_runs() -> None:
         assert uses_kernel(x.cuda(), w.cuda()) and not uses_kernel(torch.randn(1, 2, 8).cuda(), w.cuda())
 
 
+def test_attention_kernel_is_a_switch_and_only_chosen_where_it_runs() -> None:
+    from kvlab.decode_attention import kernel_applies
+    from kvlab.fastpath import fast_cache
+
+    config = preset("tiny")
+    qkv = torch.randn(1, 1, (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim)
+    with torch.no_grad():
+        assert not kernel_applies(qkv, fast_cache(config, 1, 16))  # CPU, and not under torch.compile
+    model = fuse_model(random_model("tiny", "inference"), attention_kernel=False)
+    assert not any(layer.attention_kernel for layer in model.model.layers)
+    assert all(layer.attention_kernel for layer in fuse_model(model).model.layers)  # fusing again sets it
+
+
 # ----------------------------------------------------------------------------------------------- GPU
 @gpu
 @needs_cuda

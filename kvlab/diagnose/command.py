@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
+from kvlab.study.env import parse_device
 
 from .hf import hf_target
 from .measure import diagnose, lengths_for
@@ -52,13 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _device(name: str) -> str:
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise BadTarget(f"--device {name!r}: not a device (use cpu or cuda)") from None
+        device = parse_device(name)
+    except ValueError as exc:
+        raise BadTarget(str(exc)) from None
     if device.type not in ("cpu", "cuda"):
-        raise BadTarget(f"--device {name!r}: use cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BadTarget(f"--device {name}: CUDA is not available in this build of PyTorch / on this machine")
+        raise BadTarget(f"--device {name!r}: diagnose runs on cpu or cuda")
     return str(device)
 
 

@@ -15,27 +15,12 @@ from kvlab.memory.leakguard import LeakReport, measure_retained
 from kvlab.memory.retention import RetentionReport
 from kvlab.memory.units import fmt_bytes
 
-__all__ = ["describe_parts", "with_growth", "leaves_in_model_order", "growth_law", "leak_causes", "headline",
+__all__ = ["describe_parts", "with_growth", "leaves_in_model_order", "leak_causes", "headline",
            "summarize_fix", "PART_COLUMNS"]
 
 PART_COLUMNS = ["part", "kind", "cache_bytes", "saved_bytes", "other_bytes", "total_bytes", "graph_nodes"]
 _MAX_PARTS = 8  # a container with more items than this is one part (a list of every step's logits ...)
 _GROWING_SHARE = 0.10  # a non-cache part is named as a cause when it makes this share of the growth
-
-
-def growth_law(slope: float) -> str:
-    """A fitted exponent in words: 1 is linear (a KV cache, or a leak that grows by the same amount each
-    step), 2 quadratic (the incident's chained graph). Short runs of a quadratic leak read between the
-    two, because each step's fixed-size activations add a linear part."""
-    if slope < 0.5:
-        kind = "about flat"
-    elif slope < 1.25:
-        kind = "linear"
-    elif slope < 1.75:
-        kind = "between linear and quadratic"
-    else:
-        kind = "quadratic"
-    return f"{kind} (kept ∝ tokens^{slope:.2f})"
 
 
 def _kind(obj: Any) -> str:

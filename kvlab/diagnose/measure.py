@@ -40,7 +40,6 @@ from kvlab.study.records import environment
 
 from .findings import (
     describe_parts,
-    growth_law,
     headline,
     leak_causes,
     leaves_in_model_order,
@@ -244,7 +243,7 @@ def diagnose(target: Target | Callable[..., Any], tokens: int = 64, *, device: s
         fix = _fix_rows(run, target, n, target.config)
     kept = pd.DataFrame(given.rows)
     fit = fit_growth(kept["tokens"], kept["total_bytes"])
-    growth = {"slope": fit.slope, "prefactor": fit.prefactor, "law": growth_law(fit.slope)}
+    growth = {"slope": fit.slope, "prefactor": fit.prefactor, "law": fit.law}
     guard, retention = given.guard, given.retention
     validation, verdicts = _validation(target.modules)
     causes = leak_causes(guard, retention, given.parts, target.modules) if guard.leak else []

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kvlab.config import DTYPES, PRESETS, preset
-from kvlab.study.env import cleanup
+from kvlab.study.env import cleanup, parse_device
 from kvlab.study.records import Recorder, environment, now_utc
 
 from .leak import CACHES, INCIDENT, LOADERS, parse_runs, suite_incident, suite_leak
@@ -98,12 +98,7 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--suites: unknown suite(s) {unknown}; choose from {tuple(SUITES)}")
     if args.preset not in PRESETS:
         raise ValueError(f"--preset {args.preset!r}: choose from {sorted(PRESETS)}")
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as exc:
-        raise ValueError(f"--device {args.device!r}: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available")
+    parse_device(args.device)
     bad = [d for d in args.dtypes or [] if d not in DTYPES] or [x for x in args.loaders if x not in LOADERS] or [
         x for x in args.caches if x not in CACHES] or [v for v in args.fast_variants if v not in ("gqa", "static")]
     if bad:

@@ -47,3 +47,22 @@ def tensor_bytes(tensors: Iterable[Tensor]) -> int:
 def model_bytes(model: nn.Module) -> int:
     """Bytes of a model's parameters and buffers, each storage once."""
     return tensor_bytes([*model.parameters(), *model.buffers()])
+
+
+def parse_device(name: str) -> torch.device:
+    """The torch device a ``--device`` option names, refused with a one-line ``ValueError`` unless this
+    machine has it: the one check behind every kvlab command's ``--device``."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: not a device name (kvlab runs on cpu, cuda or mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available in this build of PyTorch / on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: kvlab runs on cpu, cuda or mps")
+    return device

@@ -276,9 +276,23 @@ class GrowthFit:
 
     @property
     def law(self) -> str:
-        """What the slope means: ~2 quadratic (the leak), ~1 linear (a KV cache), ~0 constant (weights)."""
-        kind = {0: "constant", 1: "linear", 2: "quadratic"}.get(round(self.slope), "power law")
-        return f"{kind} (slope {self.slope:.2f})"
+        """The slope in words (:func:`growth_law`)."""
+        return growth_law(self.slope)
+
+
+def growth_law(slope: float) -> str:
+    """A fitted log-log slope in words: ~0 constant (weights), 1 linear (a KV cache, or a leak that grows
+    by the same amount each step), 2 quadratic (the incident's chained graph). Short runs of a quadratic
+    leak read between the two, because each step's fixed-size activations add a linear part."""
+    if slope < 0.5:
+        kind = "constant"
+    elif slope < 1.25:
+        kind = "linear"
+    elif slope < 1.75:
+        kind = "between linear and quadratic"
+    else:
+        kind = "quadratic"
+    return f"{kind} (slope {slope:.2f})"
 
 
 def fit_growth(tokens: Sequence[float] | np.ndarray, values: Sequence[float] | np.ndarray,
