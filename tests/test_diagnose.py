@@ -8,7 +8,9 @@ measured here or by the diagnosis, and the cache's own bytes are counted indepen
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import json
 import subprocess
 import sys
@@ -42,13 +44,23 @@ def storage_bytes(tensors: list[torch.Tensor]) -> int:
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
+@pytest.fixture(scope="module")
+def leaky_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[int, str, str, Path]:
+    """``kvlab diagnose`` on the leaky example with its HTML report, run once for the two tests that read it
+    (the diagnosis written is the same with or without ``--no-html``): exit code, stdout, stderr, folder."""
+    out, stdout, stderr = tmp_path_factory.mktemp("leaky"), io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        patch.chdir(ROOT)  # the target is written relative to the repository, as the README shows it
+        code = main([LEAKY, "--tokens", "32", "--out", str(out), "--quiet"])
+    return code, stdout.getvalue(), stderr.getvalue(), out
+
+
 # --------------------------------------------------------------------------------------------- examples
-def test_leaky_example_leaks_through_its_graph_and_the_fix_leaves_the_cache(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run_cli([LEAKY, "--tokens", "32", "--out", str(tmp_path), *QUIET], capsys)
+def test_leaky_example_leaks_through_its_graph_and_the_fix_leaves_the_cache(leaky_report) -> None:
+    code, out, err, folder = leaky_report
     assert code == 1, err
     assert out.startswith("LEAK:") and "parameters requiring grad" in out and not err
-    d = Diagnosis.load(tmp_path)
+    d = Diagnosis.load(folder)
     example = load_target(LEAKY).run.__globals__  # the example's constants and model
     kv_per_token = 2 * example["LAYERS"] * example["KV_HEADS"] * example["HEAD_DIM"] * 4  # K and V, float32
     last = d.kept.iloc[-1]
@@ -235,10 +247,10 @@ def test_load_target_finds_the_model_of_the_file() -> None:
 
 # --------------------------------------------------------------------------------------------- the report
 @pytest.mark.slow
-def test_the_report_renders_for_a_leak(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run_cli([LEAKY, "--tokens", "32", "--out", str(tmp_path), "--quiet"], capsys)
+def test_the_report_renders_for_a_leak(leaky_report) -> None:
+    code, out, err, folder = leaky_report
     assert code == 1
-    page = tmp_path / "08_diagnose.html"
+    page = folder / "08_diagnose.html"
     assert f"report: {page}" in out
     html = page.read_text()
     assert "LEAK: the loop keeps" in html and "Traceback" not in html and "AssertionError" not in html
