@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from checkpoint_helpers import MINI
 from safetensors.torch import save_file
 
 from kvlab.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, inspect_checkpoint, validate_checkpoint
@@ -22,10 +23,6 @@ from kvlab.config import MistralConfig
 from kvlab.errors import CheckpointError, ConfigError
 from kvlab.loaders import LOADERS, load_model
 from kvlab.synthetic import build_checkpoint, random_state_dict
-
-MINI = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=None,
-                     max_position_embeddings=128, torch_dtype="float32")
 
 
 @contextmanager
