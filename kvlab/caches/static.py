@@ -85,8 +85,7 @@ class StaticCache(RowCache):
             index = positions[0]  # (T,): every row at the same positions
             self.keys[layer].index_copy_(2, index, k)
             self.values[layer].index_copy_(2, index, v)
-            if layer == 0:
-                self.key_positions.index_copy_(1, index, positions)
+            self._record_positions(layer, positions)
             return self.keys[layer], self.values[layer], self.key_positions
         return self._update(layer, k, v, positions, None)
 
@@ -96,11 +95,15 @@ class StaticCache(RowCache):
         rotary, the K/V write at ``positions`` (B, 1) and grouped attention, from the fused projection's
         output ``qkv`` (B, 1, (H + 2 Hkv) D). Only for ``uniform_positions`` caches under ``torch.compile``,
         where :meth:`update` would write the same slots."""
-        if layer == 0:
-            self.key_positions.index_copy_(1, positions[0], positions)
+        self._record_positions(layer, positions)
         cos, sin = rope
         return decode_attention(qkv, cos, sin, self.keys[layer], self.values[layer], positions, num_heads,
                                 window or 0, scale)
+
+    def _record_positions(self, layer: int, positions: Tensor) -> None:
+        """The compiled paths' bookkeeping: key positions of uniformly written rows, once per step (layer 0)."""
+        if layer == 0:
+            self.key_positions.index_copy_(1, positions[0], positions)
 
     def _prepare(self, positions: Tensor, row: int | None) -> Any:
         rows, pos = self._row_positions(positions, row)
