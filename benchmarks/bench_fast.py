@@ -6,8 +6,8 @@ Everything is measured in one process on one GPU, on the same seeded random weig
    over the bytes one decode step must read (every weight matrix and norm, one embedding row, the
    whole static KV cache, since attention reads every slot), for bf16 and for int8 weights;
 2. each weight matrix of a decode step as a matrix-vector product: cuBLAS on bf16, kvlab's Triton
-   kernel on bf16 and int8, dequantize-then-cuBLAS, and PyTorch's ``_weight_int8pack_mm`` where
-   this build has it for CUDA (GB/s of weights read);
+   kernel on bf16 and int8 (plain rows, and the packed layout of fused models), dequantize-then-cuBLAS,
+   and PyTorch's ``_weight_int8pack_mm`` where this build has it for CUDA (GB/s of weights read);
 3. kvlab's fast path (:class:`kvlab.fastpath.FastDecoder` defaults) on bf16 and ``int8`` weights, and
    ablations: without fused projections, without the inductor tuning, with the model's own attention
    instead of the fused decode-attention kernel;
@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from kvlab.config import preset
 from kvlab.experiments.speed import measure_bandwidth
 from kvlab.fastpath import TUNING, FastDecoder, compile_options, sync, teacher_forced_agreement
-from kvlab.kernels import fused_gemv, fused_linear_reference, tuned_configs
+from kvlab.kernels import fused_gemv, fused_linear_reference, pack_int8, tuned_configs
 from kvlab.loaders import model_for_loader
 from kvlab.quant import quantize_int8
 from kvlab.study.env import cleanup, model_bytes, tensor_bytes
@@ -152,10 +152,13 @@ def gemv_candidates(x: torch.Tensor, ws: list[torch.Tensor]) -> dict[str, Candid
     exact_int8 = F.linear(x.double(), q.double() * s.double()[:, None])
     bf16_bytes, int8_bytes = ws[0].nbytes, q.nbytes + s.nbytes
     scales16 = [s.to(x.dtype) for _, s in qs]
+    packed = [pack_int8(q) for q, _ in qs]  # the layout of a fused model's int8 matrices
     return {
         "cuBLAS bf16": (lambda i: F.linear(x, ws[i]), bf16_bytes, exact_bf16),
         "kvlab Triton bf16": (lambda i: fused_gemv(x, ws[i], None, None, None, 1e-5, False), bf16_bytes, exact_bf16),
         "kvlab Triton int8": (lambda i: fused_gemv(x, *qs[i], None, None, 1e-5, False), int8_bytes, exact_int8),
+        "kvlab Triton int8 packed": (lambda i: fused_gemv(x, packed[i], qs[i][1], None, None, 1e-5, False), int8_bytes,
+                                     exact_int8),
         "dequantize + cuBLAS int8": (lambda i: fused_linear_reference(x, *qs[i]), int8_bytes, exact_int8),
         "torch._weight_int8pack_mm": (lambda i: torch._weight_int8pack_mm(x[0], qs[i][0], scales16[i]), int8_bytes,
                                       exact_int8),

@@ -32,6 +32,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .kernels import gdc_launch_dependents, gdc_wait, pdl_available
+
 try:
     import triton
     import triton.language as tl
@@ -51,7 +53,10 @@ if triton is not None:
     @triton.jit
     def _decode_attention_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, pos_ptr, out_ptr, S, window, scale,
                                  H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
-                                 WINDOW: tl.constexpr):
+                                 WINDOW: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # programmatic dependent launch, as in kvlab.kernels: nothing is read or written before the wait
+            gdc_launch_dependents()
+            gdc_wait()
         b = tl.program_id(0) // H
         h = tl.program_id(0) % H
         kvh = h // (H // HKV)
@@ -104,9 +109,10 @@ def decode_attention(qkv: Tensor, cos: Tensor, sin: Tensor, keys: Tensor, values
     """
     b, hkv, s, d = keys.shape
     out = qkv.new_empty((b, 1, num_heads * d))
+    pdl = pdl_available(qkv.device)
     _decode_attention_kernel[(b * num_heads,)](
         qkv, cos.contiguous(), sin.contiguous(), keys, values, positions, out, s, max(window, 1), scale,
-        H=num_heads, HKV=hkv, D=d, WINDOW=window > 0, **launch(s))
+        H=num_heads, HKV=hkv, D=d, WINDOW=window > 0, PDL=pdl, launch_pdl=pdl, **launch(s))
     return out
 
 

@@ -16,7 +16,8 @@ and its ``o_proj`` an identity, so whatever the model's attention does (grouped 
 masks, the cache protocol) stays the model's -- except in the compiled one-token step of the fast path,
 where :mod:`kvlab.decode_attention`'s kernel does rotary, the cache write and attention in one launch
 (``attention_kernel=False`` keeps the model's attention there too). int8 matrices are concatenated as int8 with their
-per-row scales, which is exactly the quantization of the concatenated float matrix.
+per-row scales, which is exactly the quantization of the concatenated float matrix, and stored in the
+kernel's layout (:func:`kvlab.kernels.pack_int8`: the same bytes, reordered and offset).
 
 Memory: fusion concatenates one layer at a time and drops that layer's separate matrices before the
 next, so the model never holds both layouts for more than one layer (a caller that still holds the
@@ -32,20 +33,21 @@ import torch
 from torch import Tensor, nn
 
 from .decode_attention import kernel_applies
-from .kernels import fused_linear
+from .kernels import fused_linear, pack_int8
 from .model import DecoderLayer, MistralForCausalLM, RMSNorm, region
 from .quant import Int8Linear
 
 
 class FusedLinear(nn.Module):
     """Several bias-free linears that read the same input, as one matrix, with optional RMSNorm in
-    front and SwiGLU (``glu``) behind; ``forward(x, residual)`` adds ``residual`` to the result."""
+    front and SwiGLU (``glu``) behind; ``forward(x, residual)`` adds ``residual`` to the result.
+    An int8 matrix is kept packed (int32 words, :func:`kvlab.kernels.pack_int8`)."""
 
     def __init__(self, weight: Tensor, scale: Tensor | None = None, norm: RMSNorm | None = None,
                  glu: bool = False) -> None:
         super().__init__()
         if weight.dtype == torch.int8:
-            self.register_buffer("weight", weight)
+            self.register_buffer("weight", pack_int8(weight))
         elif isinstance(weight, nn.Parameter):  # one linear's own (possibly tied) parameter
             self.weight = weight
         else:
@@ -57,7 +59,7 @@ class FusedLinear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_linears(cls, linears: list[nn.Module], norm: RMSNorm | None = None, glu: bool = False) -> FusedLinear:
-        """Stack the rows of ``linears`` (all ``nn.Linear`` or all :class:`Int8Linear`); a single
+        """Stack the rows of ``linears`` (all ``nn.Linear`` or all :class:`Int8Linear`); a single float
         linear keeps its own tensors (no copy)."""
         if all(isinstance(m, Int8Linear) for m in linears):
             weight = torch.cat([m.weight for m in linears]) if len(linears) > 1 else linears[0].weight

@@ -8,9 +8,14 @@ ramp-up even inside a CUDA graph). This kernel addresses both:
 
 - int8 weights are read as int8, four to a 32-bit word, and turned into floats in registers by bit
   pattern (one byte per weight instead of the two that "dequantize, then matmul" writes and reads
-  back), with the per-output-channel scale applied to the fp32 sum. On an H200 at the Mistral-7B
-  shape this took the int8 kernel from 1.8-2.6 to 1.9-3.2 TB/s of weights read and the int8 decode
-  path from 264-268 to 315 tok/s (``data/gpu/h200-fast-before`` and ``data/gpu/h200-fast``);
+  back), with the per-output-channel scale applied to the fp32 sum. A fused model stores them in the
+  kernel's own layout (:func:`pack_int8`): each byte offset by 128, so one byte-permute instruction
+  puts it under a float's exponent, and the four bytes of a word taken from four quarters of the row,
+  so the inputs they multiply are four contiguous runs instead of a stride-4 gather;
+- the block sizes are timed per shape (autotuning) with plain, unpipelined loads, and on Hopper and
+  newer GPUs each launch is a programmatic dependent launch: the next kernel in the CUDA graph is
+  scheduled while this one's last programs still run, and waits (``griddepcontrol.wait``) before its
+  first read of anything a previous kernel wrote;
 - the RMSNorm that feeds a projection is computed in the kernel's prologue (each program re-reads
   the input vector from L2, a few KiB), SwiGLU (``silu(gate) * up`` over a weight stored as
   ``[gate; up]``) and the residual add in its epilogue, so norms, activations and adds launch nothing.
@@ -41,6 +46,10 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: the PyTorch reference is used everywhere
     triton = None
+try:  # grid dependency control (programmatic dependent launch): Triton 3.4 and newer
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
 
 ACTIVATION_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -50,14 +59,45 @@ def triton_available() -> bool:
     return triton is not None and torch.cuda.is_available()
 
 
+def pdl_available(device: torch.device) -> bool:
+    """Whether kernels on ``device`` can use programmatic dependent launch (Hopper, sm_90, and newer)."""
+    return (gdc_wait is not None and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def pack_int8(weight: Tensor) -> Tensor:
+    """An int8 matrix (rows, K) in the kernel's layout: int32 words (rows, K/4), same bytes.
+
+    Byte ``i`` of word ``j`` holds feature ``i * K/4 + j``, plus 128 (as an unsigned byte). The offset
+    makes each byte, placed under the exponent of 2**23 by one byte permute, a float 2**23 + w + 128;
+    the quarters make the inputs a block of words multiplies four contiguous runs of ``x``.
+    """
+    rows, k = weight.shape
+    if weight.dtype != torch.int8 or k % 4:
+        raise ValueError(f"pack_int8 takes an int8 matrix with a multiple of 4 columns, got {weight.dtype} "
+                         f"{tuple(weight.shape)}")
+    biased = weight.contiguous().view(torch.uint8) ^ 0x80
+    return biased.view(rows, 4, k // 4).transpose(1, 2).contiguous().view(rows, k).view(torch.int32)
+
+
+def unpack_int8(words: Tensor) -> Tensor:
+    """The int8 matrix (rows, K) that :func:`pack_int8` turned into ``words`` (rows, K/4)."""
+    rows, kw = words.shape
+    quarters = words.contiguous().view(torch.uint8).view(rows, kw, 4).transpose(1, 2).reshape(rows, 4 * kw)
+    return (quarters ^ 0x80).view(torch.int8)
+
+
 def fused_linear_reference(x: Tensor, weight: Tensor, scale: Tensor | None = None, norm_weight: Tensor | None = None,
                            eps: float = 1e-5, residual: Tensor | None = None, glu: bool = False) -> Tensor:
     """``[residual +] act(rmsnorm(x) @ weight.T * scale)`` in plain PyTorch, rounding as the eager model does.
 
-    ``weight`` (N or 2N, K) is in ``x``'s dtype, or int8 with ``scale`` (one per row); ``glu`` splits
-    the output in halves ``[gate, up]`` and returns ``silu(gate) * up``. ``norm_weight`` applies
-    :class:`kvlab.model.RMSNorm`'s arithmetic first (float32 normalisation, scale in ``x``'s dtype).
+    ``weight`` (N or 2N, K) is in ``x``'s dtype, or int8 with ``scale`` (one per row), or int8 packed
+    by :func:`pack_int8` (int32, (N or 2N, K/4)); ``glu`` splits the output in halves ``[gate, up]``
+    and returns ``silu(gate) * up``. ``norm_weight`` applies :class:`kvlab.model.RMSNorm`'s arithmetic
+    first (float32 normalisation, scale in ``x``'s dtype).
     """
+    if weight.dtype == torch.int32:
+        weight = unpack_int8(weight)
     if norm_weight is not None:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
@@ -73,18 +113,19 @@ def fused_linear_reference(x: Tensor, weight: Tensor, scale: Tensor | None = Non
 
 if triton is not None:
     def _configs() -> list:
-        # (rows per program, weights per row per step, warps). Plain loads are not software-pipelined, so
-        # the bytes in flight per thread are the tile's share of one step: too few and the kernel waits on
-        # memory latency instead of streaming. _prune keeps the tiles worth timing for the weight dtype
-        # (int8 tiles hold four times the weights of bf16 ones for the same bytes).
+        # (rows per program, weights per row per step, warps). Loads are plain (num_stages=1: Triton's
+        # pipelining through shared memory made the H200 bf16 chain of a 7B step about 10% slower), so
+        # the bytes in flight per thread are the tile's share of one step: too few and the kernel waits
+        # on memory latency instead of streaming. _prune keeps the tiles worth timing for the weight
+        # dtype (int8 tiles hold four times the weights of bf16 ones for the same bytes).
         shapes = [(2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 512, 4), (8, 1024, 4), (16, 512, 4),
                   (4, 2048, 8), (8, 1024, 8), (16, 512, 8), (8, 2048, 8), (16, 1024, 8), (32, 512, 8),
                   (2, 4096, 4), (4, 2048, 4), (4, 4096, 4), (8, 2048, 4), (16, 1024, 4), (16, 2048, 8),
-                  (32, 1024, 8), (8, 4096, 8)]
-        return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=2) for n, k, w in shapes]
+                  (32, 1024, 8), (8, 4096, 8), (2, 2048, 4), (2, 2048, 2), (4, 1024, 2), (2, 4096, 8)]
+        return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=1) for n, k, w in shapes]
 
     def _prune(configs: list, named_args: dict, **kwargs) -> list:
-        """Tiles that put 32-128 weight bytes per thread in flight each step, with at most 64 fp32
+        """Tiles that put 16-256 weight bytes per thread in flight each step, with at most 64 fp32
         accumulators per thread (both halves counted under SwiGLU; one per int32 word of int8)."""
         int8 = kwargs.get("INT8")
         size = 1 if int8 else named_args["w_ptr"].element_size()
@@ -93,7 +134,7 @@ if triton is not None:
         for c in configs:
             weights = c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] // (32 * c.num_warps)
             accumulators = weights // 4 if int8 else weights
-            if 32 <= weights * size <= 128 and accumulators * halves <= 64:
+            if 16 <= weights * size <= 256 and accumulators * halves <= 64:
                 kept.append(c)
         return kept or configs
 
@@ -107,31 +148,45 @@ if triton is not None:
         return xk.to(tl.float32)
 
     @triton.jit
-    def _int8_words(acc, w, x0, x1, x2, x3):
+    def _int8_words(acc, w, x0, x1, x2, x3, PACKED: tl.constexpr):
         """``acc`` plus the products of the four int8 weights in each int32 word of ``w`` (rows, words)
-        with their inputs ``x0``..``x3`` (features 4j .. 4j+3).
+        with their inputs ``x0``..``x3`` (those of bytes 0..3).
 
-        No conversion instruction: each byte, offset by 128 (xor 0x80), becomes the low mantissa bits of
-        2**23, and subtracting 2**23 + 128 leaves the weight exactly -- integer-pipe bit operations and
-        one add. A plain int8-to-float conversion runs at a quarter of the add's rate on this class of
-        GPU and held the kernel near 2.5 TB/s.
+        No conversion instruction: each byte, offset by 128, becomes the low mantissa bits of 2**23, and
+        subtracting 2**23 + 128 leaves the weight exactly. Plain int8 bytes take a shift, an and and an
+        xor (0x80) each; packed ones (already offset) one byte permute (``prmt``). A plain int8-to-float
+        conversion runs at a quarter of the add's rate on this class of GPU and held the kernel near
+        2.5 TB/s.
         """
-        acc += ((((w & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0) * x0[None, :])
-        acc += (((((w >> 8) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0) * x1[None, :])
-        acc += (((((w >> 16) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0) * x2[None, :])
-        acc += (((((w >> 24) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0) * x3[None, :])
+        if PACKED:
+            b0, b1, b2, b3 = tl.inline_asm_elementwise(
+                "{.reg .b32 e; mov.b32 e, 0x4B000000; prmt.b32 $0, $4, e, 0x7650; prmt.b32 $1, $4, e, 0x7651; "
+                "prmt.b32 $2, $4, e, 0x7652; prmt.b32 $3, $4, e, 0x7653;}",
+                "=r,=r,=r,=r,r", [w], dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+        else:
+            b0 = ((w & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True)
+            b1 = (((w >> 8) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True)
+            b2 = (((w >> 16) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True)
+            b3 = (((w >> 24) & 0xFF) ^ 0x4B000080).to(tl.float32, bitcast=True)
+        acc += (b0 - 8388736.0) * x0[None, :]
+        acc += (b1 - 8388736.0) * x1[None, :]
+        acc += (b2 - 8388736.0) * x2[None, :]
+        acc += (b3 - 8388736.0) * x3[None, :]
         return acc
 
-    @triton.autotune(configs=_configs(), key=["N", "K", "INT8", "NORM", "GLU", "RESIDUAL"],
+    @triton.autotune(configs=_configs(), key=["N", "K", "INT8", "PACKED", "NORM", "GLU", "RESIDUAL", "PDL"],
                      prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _fused_gemv_kernel(x_ptr, w_ptr, scale_ptr, norm_ptr, res_ptr, out_ptr, N, K, eps,
-                           INT8: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
-                           RESIDUAL: tl.constexpr, NORM_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr):
+                           INT8: tl.constexpr, PACKED: tl.constexpr, NORM: tl.constexpr, GLU: tl.constexpr,
+                           RESIDUAL: tl.constexpr, PDL: tl.constexpr, NORM_BLOCK: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         out_ty = out_ptr.dtype.element_ty
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
+        if PDL:  # let the next kernel be scheduled now; wait for the previous one before reading its output
+            gdc_launch_dependents()
+            gdc_wait()
         rstd = 0.0
         if NORM:  # mean of squares of the whole input first: each program re-reads it (L2-resident), in
             # one load where it fits (NORM_BLOCK >= K) rather than a loop of dependent steps; on an H200
@@ -142,7 +197,8 @@ if triton is not None:
                 xk = tl.load(x_ptr + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
                 squares += xk * xk
             rstd = tl.math.rsqrt(tl.sum(squares, axis=0) / K + eps)
-        if INT8:  # w_ptr is the int8 matrix viewed as int32 words: word j of a row holds k = 4j .. 4j+3
+        if INT8:  # w_ptr is the int8 matrix as int32 words: word j of a row holds k = 4j .. 4j+3, or
+            # packed (pack_int8) k = j, KW + j, 2KW + j, 3KW + j
             KW = K // 4
             w_rows = w_ptr + rows[:, None].to(tl.int64) * KW
             words = tl.arange(0, BLOCK_K // 4)
@@ -151,15 +207,21 @@ if triton is not None:
             for j0 in range(0, KW, BLOCK_K // 4):
                 j = j0 + words
                 j_ok = j < KW
-                x0 = _inputs(x_ptr, norm_ptr, 4 * j, j_ok, rstd, NORM, out_ty)
-                x1 = _inputs(x_ptr, norm_ptr, 4 * j + 1, j_ok, rstd, NORM, out_ty)
-                x2 = _inputs(x_ptr, norm_ptr, 4 * j + 2, j_ok, rstd, NORM, out_ty)
-                x3 = _inputs(x_ptr, norm_ptr, 4 * j + 3, j_ok, rstd, NORM, out_ty)
+                if PACKED:
+                    x0 = _inputs(x_ptr, norm_ptr, j, j_ok, rstd, NORM, out_ty)
+                    x1 = _inputs(x_ptr, norm_ptr, KW + j, j_ok, rstd, NORM, out_ty)
+                    x2 = _inputs(x_ptr, norm_ptr, 2 * KW + j, j_ok, rstd, NORM, out_ty)
+                    x3 = _inputs(x_ptr, norm_ptr, 3 * KW + j, j_ok, rstd, NORM, out_ty)
+                else:
+                    x0 = _inputs(x_ptr, norm_ptr, 4 * j, j_ok, rstd, NORM, out_ty)
+                    x1 = _inputs(x_ptr, norm_ptr, 4 * j + 1, j_ok, rstd, NORM, out_ty)
+                    x2 = _inputs(x_ptr, norm_ptr, 4 * j + 2, j_ok, rstd, NORM, out_ty)
+                    x3 = _inputs(x_ptr, norm_ptr, 4 * j + 3, j_ok, rstd, NORM, out_ty)
                 mask = row_ok[:, None] & j_ok[None, :]
-                acc = _int8_words(acc, tl.load(w_rows + j[None, :], mask=mask, other=0), x0, x1, x2, x3)
+                acc = _int8_words(acc, tl.load(w_rows + j[None, :], mask=mask, other=0), x0, x1, x2, x3, PACKED)
                 if GLU:  # the up half of [gate; up] sits N rows further down
                     up_words = tl.load(w_rows + N * KW + j[None, :], mask=mask, other=0)
-                    acc_up = _int8_words(acc_up, up_words, x0, x1, x2, x3)
+                    acc_up = _int8_words(acc_up, up_words, x0, x1, x2, x3, PACKED)
         else:
             w_rows = w_ptr + rows[:, None].to(tl.int64) * K
             cols = tl.arange(0, BLOCK_K)
@@ -193,17 +255,20 @@ if triton is not None:
 def fused_gemv(x: Tensor, weight: Tensor, scale: Optional[Tensor], norm_weight: Optional[Tensor],  # noqa: UP045
                residual: Optional[Tensor], eps: float, glu: bool) -> Tensor:  # noqa: UP045 (custom_op schema)
     """The Triton kernel on one row ``x`` (..., K) with ``x.numel() == K``; see :func:`fused_linear`."""
-    rows, k = weight.shape
+    rows, k = weight.shape[0], x.shape[-1]
     n = rows // 2 if glu else rows
     out = torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     dummy = out  # never read: the flags switch those loads off
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    int8 = weight.dtype == torch.int8
+    packed = weight.dtype == torch.int32
+    int8 = packed or weight.dtype == torch.int8
+    pdl = pdl_available(x.device)
     _fused_gemv_kernel[grid](x, weight.view(torch.int32) if int8 else weight, dummy if scale is None else scale,
                              dummy if norm_weight is None else norm_weight,
                              dummy if residual is None else residual, out, n, k, eps,
-                             INT8=int8, NORM=norm_weight is not None, GLU=glu, RESIDUAL=residual is not None,
-                             NORM_BLOCK=min(triton.next_power_of_2(k), 8192))
+                             INT8=int8, PACKED=packed, NORM=norm_weight is not None, GLU=glu,
+                             RESIDUAL=residual is not None, PDL=pdl, NORM_BLOCK=min(triton.next_power_of_2(k), 8192),
+                             launch_pdl=pdl)
     return out
 
 
@@ -224,6 +289,8 @@ def uses_kernel(x: Tensor, weight: Tensor, scale: Tensor | None = None) -> bool:
     """Whether :func:`fused_linear` runs the Triton kernel for these operands (else the reference)."""
     if weight.dtype == torch.int8:  # read as int32 words: whole words per row
         layout_ok = weight.shape[-1] % 4 == 0 and scale is not None
+    elif weight.dtype == torch.int32:  # pack_int8's layout
+        layout_ok = 4 * weight.shape[-1] == x.shape[-1] and scale is not None
     else:
         layout_ok = weight.dtype == x.dtype
     return (triton is not None and x.is_cuda and x.numel() == x.shape[-1] and x.dtype in ACTIVATION_DTYPES

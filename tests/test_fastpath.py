@@ -14,7 +14,7 @@ import kvlab.quant as quant
 from kvlab.config import preset
 from kvlab.fastpath import TUNING, FastDecoder, compile_options, teacher_forced_agreement
 from kvlab.fused import FusedDecoderLayer, FusedLinear, fuse_model, is_fused
-from kvlab.kernels import fused_linear, fused_linear_reference, triton_available, uses_kernel
+from kvlab.kernels import fused_linear, fused_linear_reference, pack_int8, triton_available, unpack_int8, uses_kernel
 from kvlab.loaders import random_model
 from kvlab.quant import Int8Linear
 
@@ -90,6 +90,27 @@ def test_int8_loader_quantizes_one_matrix_at_a_time(monkeypatch: pytest.MonkeyPa
     assert isinstance(model.lm_head, Int8Linear) and model.lm_head.weight.dtype == torch.int8
 
 
+def test_packed_int8_layout_offsets_each_byte_and_reads_the_row_in_quarters() -> None:
+    q = torch.randint(-128, 128, (6, 16), dtype=torch.int8, generator=torch.Generator().manual_seed(3))
+    words = pack_int8(q)
+    assert words.dtype == torch.int32 and words.shape == (6, 4) and words.nbytes == q.nbytes
+    lanes = words.view(torch.uint8).view(6, 4, 4).long()  # (row, word, byte)
+    for i in range(4):  # byte i of word j is feature 4i + j (K/4 = 4), plus 128
+        assert torch.equal(lanes[:, :, i], q[:, 4 * i:4 * i + 4].long() + 128)
+    assert torch.equal(unpack_int8(words), q)
+    x, scale = torch.randn(1, 1, 16), torch.rand(6) + 0.5
+    assert torch.equal(fused_linear_reference(x, words, scale), fused_linear_reference(x, q, scale))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        pack_int8(q[:, :6])
+
+
+def test_fused_int8_model_keeps_its_matrices_packed() -> None:
+    model = fuse_model(random_model("tiny", "int8"))
+    layer = model.model.layers[0]
+    matrices = (layer.qkv, layer.o_proj, layer.gate_up, layer.down, model.lm_head)
+    assert {m.weight.dtype for m in matrices} == {torch.int32}
+
+
 def test_int8_linear_forward_is_the_dequantized_product() -> None:
     w = torch.randn(24, 40)
     layer = Int8Linear.from_float(w)
@@ -152,21 +173,22 @@ def test_attention_kernel_is_a_switch_and_only_chosen_where_it_runs() -> None:
 # ----------------------------------------------------------------------------------------------- GPU
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("layout", ["bf16", "int8", "packed"])
 @pytest.mark.parametrize("flags", ["plain", "norm+glu", "norm+residual"])
-def test_triton_kernel_matches_the_reference(int8: bool, flags: str) -> None:
-    """Fresh random operands (odd sizes: masked edges), output poisoned first; error vs float64 at bf16 level."""
+def test_triton_kernel_matches_the_reference(layout: str, flags: str) -> None:
+    """Fresh random operands (odd sizes: masked edges); error vs float64 at bf16 level."""
     torch.manual_seed(hash(flags) % 1000)
     n, k = 1000, 1536 + 64
     glu, norm, residual = "glu" in flags, "norm" in flags, "residual" in flags
     w = (torch.randn(2 * n if glu else n, k, device="cuda") * k ** -0.5).to(torch.bfloat16)
-    weight, scale = quant.quantize_int8(w) if int8 else (w, None)
+    weight, scale = quant.quantize_int8(w) if layout != "bf16" else (w, None)
+    stored = pack_int8(weight) if layout == "packed" else weight
     x = torch.randn(1, 1, k, device="cuda").to(torch.bfloat16)
     norm_weight = (1 + 0.1 * torch.randn(k, device="cuda")).to(torch.bfloat16) if norm else None
     res = torch.randn(1, 1, n, device="cuda").to(torch.bfloat16) if residual else None
-    assert uses_kernel(x, weight, scale)
+    assert uses_kernel(x, stored, scale)
     with torch.no_grad():
-        out = fused_linear(x, weight, scale, norm_weight, 1e-5, res, glu)
+        out = fused_linear(x, stored, scale, norm_weight, 1e-5, res, glu)
         exact = fused_linear_reference(x.double(), weight.double(), None if scale is None else scale.double(),
                                        None if norm_weight is None else norm_weight.double(), 1e-5,
                                        None if res is None else res.double(), glu)
@@ -193,19 +215,21 @@ def test_compiled_fused_path_matches_eager_on_gpu(loader: str) -> None:
 
 @gpu
 @needs_cuda
-def test_int8_kernel_reads_every_byte_value_exactly() -> None:
-    """Every int8 value in every byte lane of a 4-byte word: one-hot inputs read single weights back,
-    and the bit-pattern conversion must give each exactly (float32 activations, unit scales)."""
+@pytest.mark.parametrize("packed", [False, True])
+def test_int8_kernel_reads_every_byte_value_exactly(packed: bool) -> None:
+    """Every int8 value in every byte lane of a 4-byte word, plain and packed: one-hot inputs read single
+    weights back, and the bit-pattern conversion must give each exactly (float32 activations, unit scales)."""
     values = torch.arange(-128, 128, dtype=torch.int8).repeat(4)  # value v sits in lane (v + 128) % 4
     weight = torch.stack([values.roll(3 * i) for i in range(8)]).cuda()  # rolls by 3 move v through all lanes
     scale = torch.ones(8, device="cuda")
     x = torch.zeros(1, 1, weight.shape[1], device="cuda")
     seen = torch.empty(weight.shape, device="cuda")
+    stored = pack_int8(weight) if packed else weight
     with torch.no_grad():
         for j in range(weight.shape[1]):
             x.zero_()
             x[..., j] = 1.0
-            seen[:, j] = fused_linear(x, weight, scale)[0, 0]
+            seen[:, j] = fused_linear(x, stored, scale)[0, 0]
     assert torch.equal(seen, weight.float())
 
 
