@@ -16,7 +16,7 @@ shape. Here it is one launch, one program per query head:
   ``pos`` are never read, where the eager path reads every slot and masks the empty ones.
 
 On an H200 at the Mistral-7B shape it took the bf16 fast path from 219.5 to 229.5 tok/s reading 64
-slots per step, and to 237 with up to 256 (:func:`launch`; ``data/gpu/h200-fast``).
+slots per step, and to 237 with up to 256 (:func:`launch`; ``data/gpu/h200-fast-before``).
 
 It serves the compiled fast path (:class:`kvlab.fused.FusedDecoderLayer` under ``torch.compile``) for
 one new token per row, with every row at the same position (the ``uniform_positions`` static cache):
