@@ -38,6 +38,7 @@ Shape legend: K input features, N output features (weight rows; ``2N`` rows with
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -64,8 +65,13 @@ def triton_available() -> bool:
 
 def pdl_available(device: torch.device) -> bool:
     """Whether kernels on ``device`` can use programmatic dependent launch (Hopper, sm_90, and newer)."""
-    return (gdc_wait is not None and device.type == "cuda"
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+    return gdc_wait is not None and device.type == "cuda" and _capability_major(device.index) >= 9
+
+
+@functools.cache
+def _capability_major(index: int | None) -> int:
+    """The device's compute capability, looked up once: every kernel launch asks."""
+    return torch.cuda.get_device_capability(index)[0]
 
 
 def pack_int8(weight: Tensor) -> Tensor:
